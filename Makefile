@@ -1,0 +1,51 @@
+# adaptflow — all set-up goes through these targets; each is idempotent.
+# Install order matters: torch==2.13.0 (a local CPU wheel) first, then the rest; a bare `torch`
+# requirement resolved on a clean machine would pull a multi-GB CUDA build.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+PYTEST_ARGS ?=
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
+.PHONY: install demo test test-faults bench stack-up stack-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) check
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/adaptflow stack up
+	$(VENV)/bin/adaptflow retrain examples/rotten_tomatoes.yaml
+	$(VENV)/bin/adaptflow predict models:/rotten-tomatoes-sentiment@champion \
+		--text "A warm, funny and beautifully acted film." \
+		--text "A tedious, clumsy mess that wastes its cast."
+
+test: install
+	$(PIP) check
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-faults: install
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run
+
+stack-up: install
+	$(VENV)/bin/adaptflow stack up
+
+stack-down: install
+	$(VENV)/bin/adaptflow stack down
+
+clean:
+	-$(VENV)/bin/adaptflow stack down
+	rm -rf $(VENV) .adaptflow *.egg-info
