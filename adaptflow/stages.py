@@ -1,0 +1,336 @@
+"""The retraining stages as plain functions over URIs: what each Prefect task runs, testable without Prefect.
+
+Every stage reads its inputs from the artifact store, writes its outputs under a key derived from everything
+that determines them (input digests, settings, the stage's code version), and returns a small JSON-able dict.
+An output whose manifest already exists is reused, so re-running an unchanged stage is a lookup, and a key that
+covers all inputs cannot produce a stale hit. Objects are published first, the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from adaptflow.config import RunConfig
+from adaptflow.settings import Settings, load_settings
+from adaptflow.store import ArtifactStore, ConflictError
+
+log = logging.getLogger("adaptflow")
+
+# Bump a stage's version when its code changes what it writes: old outputs then stop matching.
+STAGE_VERSIONS = {"ingest": 1, "validate": 1, "tokenize": 1, "train": 1, "evaluate": 1}
+
+
+@dataclass
+class StageContext:
+    """Settings and the artifact store every stage works against."""
+
+    settings: Settings
+    store: ArtifactStore
+
+    @classmethod
+    def from_env(cls) -> "StageContext":
+        settings = load_settings()
+        store = ArtifactStore.from_settings(settings)
+        store.ensure_bucket()
+        return cls(settings, store)
+
+
+def stage_key(stage: str, **inputs) -> str:
+    """A content key for a stage's output: sha256 over the stage, its code version and its inputs."""
+    payload = json.dumps({"stage": stage, "version": STAGE_VERSIONS.get(stage, 0), **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _publish_once(ctx: StageContext, prefix: str, objects: dict, meta: dict) -> dict:
+    """Publish unless an identical output is already complete; return the manifest's meta."""
+    try:
+        return ctx.store.publish(prefix, objects, meta)["meta"]
+    except ConflictError:  # someone (an earlier attempt, a concurrent run) finished it first: same key, same content
+        return ctx.store.read_manifest(prefix)["meta"]
+
+
+def _cached(ctx: StageContext, prefix: str) -> dict | None:
+    manifest = ctx.store.read_manifest(prefix)
+    return None if manifest is None else manifest["meta"]
+
+
+def _read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
+    from adaptflow.data import read_parquet_bytes
+    from adaptflow.store import parse_s3_uri
+
+    return read_parquet_bytes(ctx.store.get_bytes(parse_s3_uri(uri)[1]))
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
+    """Resolve the encoder once: its digest keys every later stage; max_length is checked against its limit."""
+    from adaptflow.encoders import encoder_max_length, load_encoder, resolve_encoder
+
+    resolved = resolve_encoder(config.encoder.ref, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    tokenizer, model = load_encoder(resolved)
+    limit = encoder_max_length(tokenizer, model)
+    if config.encoder.max_length > limit:
+        raise ValueError(
+            f"encoder.max_length={config.encoder.max_length} exceeds what encoder {config.encoder.ref} supports "
+            f"({limit} positions); set encoder.max_length to at most {limit}"
+        )
+    return {"ref": config.encoder.ref, "digest": resolved.digest, "source": resolved.source,
+            "hidden_size": int(model.config.hidden_size), "max_positions": limit}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
+    """Read, normalise and split the source data; snapshot train/test as Parquet under their content digest."""
+    from adaptflow.data import frame_digest, prepare_frame, read_table, split_frame, to_parquet_bytes
+
+    d = config.data
+    columns = dict(text_column=d.text_column, label_column=d.label_column, group_column=d.group_column)
+    train = prepare_frame(read_table(d.train, store=ctx.store), source=d.train, **columns)
+    if d.test:
+        test = prepare_frame(read_table(d.test, store=ctx.store), source=d.test, **columns)
+    else:
+        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, source=d.train)
+    digest = frame_digest(pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True))
+    prefix = f"snapshots/{stage_key('ingest', digest=digest)}"
+    meta = _cached(ctx, prefix) or _publish_once(
+        ctx, prefix,
+        {"train.parquet": to_parquet_bytes(train), "test.parquet": to_parquet_bytes(test)},
+        {"digest": digest, "sources": [d.train, d.test], "rows": {"train": len(train), "test": len(test)}},
+    )
+    return {"snapshot": ctx.store.uri(prefix), **meta,
+            "train": ctx.store.uri(f"{prefix}/train.parquet"), "test": ctx.store.uri(f"{prefix}/test.parquet")}
+
+
+def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict:
+    """Apply the validation rules; clean rows and quarantined rows (with reasons) go to the store."""
+    from adaptflow.data import frame_digest, to_parquet_bytes
+    from adaptflow.validate import ValidationRules, validate_split
+
+    rules = ValidationRules(min_class_count=config.data.min_class_count,
+                            max_quarantine_fraction=config.data.max_quarantine_fraction)
+    prefix = f"validated/{stage_key('validate', snapshot=snapshot['digest'], rules=vars(rules))}"
+    meta = _cached(ctx, prefix)
+    if meta is None:
+        source = ", ".join(s for s in snapshot["sources"] if s)
+        result = validate_split(_read_frame(ctx, snapshot["train"]), _read_frame(ctx, snapshot["test"]),
+                                rules=rules, source=source)
+        meta = _publish_once(ctx, prefix, {
+            "train.parquet": to_parquet_bytes(result.train),
+            "test.parquet": to_parquet_bytes(result.test),
+            "quarantine.parquet": to_parquet_bytes(result.quarantine),
+            "report.json": json.dumps(result.report, indent=2, default=str).encode(),
+        }, {"digest": frame_digest(pd.concat([result.train, result.test], ignore_index=True)),
+            "labels": result.labels, "rows": {"train": len(result.train), "test": len(result.test),
+                                              "quarantined": len(result.quarantine)},
+            "report": result.report})
+    return {"validated": ctx.store.uri(prefix), **meta,
+            **{name: ctx.store.uri(f"{prefix}/{name}.parquet") for name in ("train", "test", "quarantine")}}
+
+
+# ---------------------------------------------------------------------------------------------- text → vectors
+
+
+def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict) -> dict:
+    """Tokenize each distinct text once (truncated, unpadded); store ids keyed by the text's sha256."""
+    from adaptflow.cache import text_sha256
+    from adaptflow.embed import tokenize_texts
+    from adaptflow.encoders import load_encoder, resolve_encoder
+
+    prefix = f"tokens/{stage_key('tokenize', data=validated['digest'], encoder=encoder['digest'], max_length=config.encoder.max_length)}"
+    meta = _cached(ctx, prefix)
+    if meta is None:
+        texts = pd.concat([_read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])])["text"]
+        texts = list(dict.fromkeys(texts))  # distinct, order kept
+        tokenizer, _ = load_encoder(resolve_encoder(encoder["ref"], store=ctx.store, cache_dir=ctx.settings.cache_dir))
+        started = time.perf_counter()
+        ids = tokenize_texts(tokenizer, texts, config.encoder.max_length)
+        frame = pd.DataFrame({"text_sha256": [text_sha256(t) for t in texts], "ids": ids})
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        total = int(sum(map(len, ids)))
+        log.info("tokenized %d texts, %d tokens in %.2fs", len(texts), total, time.perf_counter() - started)
+        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(texts), "tokens": total})
+    return {"tokens": ctx.store.uri(f"{prefix}/tokens.parquet"), **meta}
+
+
+def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str):
+    from adaptflow.cache import EmbeddingCache
+
+    return EmbeddingCache(ctx.store, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
+                          pooling=config.encoder.pooling, dtype=dtype)
+
+
+def _device(config: RunConfig) -> str:
+    import torch
+
+    if config.encoder.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.encoder.device
+
+
+def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dict) -> dict:
+    """Encode only the rows the cache has never seen, flushing a shard per chunk (a crash loses one chunk)."""
+    from adaptflow.embed import iter_encode, resolve_dtype
+    from adaptflow.encoders import load_encoder, resolve_encoder
+
+    device = _device(config)
+    dtype = resolve_dtype(config.encoder.dtype, device)
+    cache = _cache_for(ctx, config, encoder, dtype)
+    frame = _read_frame(ctx, tokens["tokens"])
+    missing = set(cache.missing(list(frame["text_sha256"])))
+    todo = frame[frame["text_sha256"].isin(missing)]
+    out = {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
+           "encoded": len(todo), "cached": len(frame) - len(todo), "tokens_per_s": None}
+    if len(todo) == 0:
+        log.info("embeddings: all %d rows cached under %s, nothing to encode", len(frame), cache.prefix)
+        return out
+    _, model = load_encoder(resolve_encoder(encoder["ref"], store=ctx.store, cache_dir=ctx.settings.cache_dir),
+                            device=device)
+    hashes = todo["text_sha256"].to_numpy()
+    token_ids = list(todo["ids"].map(list))
+    started, n_tokens = time.perf_counter(), int(todo["ids"].map(len).sum())
+    for indices, vectors in iter_encode(model, token_ids, pooling=config.encoder.pooling, dtype=dtype, device=device,
+                                        tokens_per_batch=config.encoder.tokens_per_batch):
+        cache.write_shard(list(hashes[indices]), vectors)
+    seconds = time.perf_counter() - started
+    out["tokens_per_s"] = round(n_tokens / seconds, 1)
+    log.info("embedded %d new rows (%d cached) in %.1fs: %.0f tokens/s, %s on %s",
+             len(todo), out["cached"], seconds, n_tokens / seconds, dtype, device)
+    return out
+
+
+def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str]):
+    """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels``."""
+    from adaptflow.cache import text_sha256
+
+    frame = _read_frame(ctx, frame_uri)
+    X = _cache_for(ctx, config, encoder, embedded["dtype"]).read([text_sha256(t) for t in frame["text"]])
+    y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+    return X, y, frame
+
+
+# ---------------------------------------------------------------------------------------------- head
+
+
+def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict) -> dict:
+    """Fit the head on cached embeddings; store its weights (safetensors) and training history."""
+    from adaptflow.heads import HeadConfig, fit_head, save_head
+
+    head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
+    prefix = f"heads/{stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config))}"
+    meta = _cached(ctx, prefix)
+    if meta is None:
+        labels = validated["labels"]
+        X, y, _ = _arrays(ctx, config, encoder, embedded, validated["train"], labels)
+        fit = fit_head(X, y, len(labels), head_config, device=_device(config), log=log.info)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "head.safetensors"
+            save_head(fit.head, path, labels)
+            meta = _publish_once(ctx, prefix, {
+                "head.safetensors": path.read_bytes(),
+                "history.json": json.dumps(fit.history).encode(),
+            }, {"best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 3), "labels": labels,
+                "config": vars(head_config)})
+    return {"head": ctx.store.uri(f"{prefix}/head.safetensors"), **meta}
+
+
+def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict,
+                   head: dict) -> dict:
+    """Score the head on the test rows: metrics, a confusion-matrix PNG and a markdown report."""
+    import matplotlib.pyplot as plt
+
+    from adaptflow.heads import load_head, predict_proba
+    from adaptflow.metrics import compute_metrics, confusion_matrix_figure, flat_metrics, report_markdown
+    from adaptflow.store import parse_s3_uri
+
+    prefix = f"evaluations/{stage_key('evaluate', head=head['head'], data=validated['digest'])}"
+    meta = _cached(ctx, prefix)
+    if meta is None:
+        labels = validated["labels"]
+        X, y, _ = _arrays(ctx, config, encoder, embedded, validated["test"], labels)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = ctx.store.get_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
+            model, _ = load_head(path)
+        metrics = compute_metrics(y, predict_proba(model, X), labels)
+        figure = confusion_matrix_figure(metrics["confusion"], labels)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        report = report_markdown(metrics, labels, extra={"model": config.name, "test rows": len(y)})
+        meta = _publish_once(ctx, prefix, {
+            "metrics.json": json.dumps(metrics, indent=2).encode(),
+            "confusion_matrix.png": png.getvalue(),
+            "report.md": report.encode(),
+        }, {"metrics": flat_metrics(metrics), "report": report})
+    return {"evaluation": ctx.store.uri(prefix), **meta}
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, encoder: dict, snapshot: dict,
+                   validated: dict, embedded: dict, head: dict, evaluation: dict) -> dict:
+    """Log the run to MLflow, register the pyfunc model and set its aliases (idempotent per flow run)."""
+    from adaptflow.encoders import push_encoder
+    from adaptflow.registry import DatasetInput, RunRecord, log_and_register
+    from adaptflow.serving import ModelSpec
+    from adaptflow.store import parse_s3_uri
+
+    encoder_ref = encoder["ref"]
+    if encoder["source"] == "path":  # a local folder is not portable: serve from a content-addressed S3 copy
+        encoder_ref, _ = push_encoder(encoder["ref"], config.name, ctx.store)
+    spec = ModelSpec(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
+                     pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
+    train, test = _read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])
+    params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
+    tags = {"adaptflow.data_digest": validated["digest"], "adaptflow.encoder_ref": encoder_ref,
+            "adaptflow.encoder_digest": encoder["digest"], "adaptflow.labels": json.dumps(validated["labels"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
+        for name in ("confusion_matrix.png", "report.md", "metrics.json"):
+            ctx.store.get_file(f"{parse_s3_uri(evaluation['evaluation'])[1]}/{name}", artifacts / "evaluation" / name)
+        ctx.store.get_file(parse_s3_uri(validated["quarantine"])[1], artifacts / "validation" / "quarantine.parquet")
+        (artifacts / "validation" / "report.json").write_text(json.dumps(validated["report"], indent=2, default=str))
+        head_path = ctx.store.get_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head" / "head.safetensors")
+        record = RunRecord(
+            params=params,
+            metrics={**evaluation["metrics"], "rows_train": len(train), "rows_test": len(test),
+                     "rows_quarantined": validated["rows"]["quarantined"], "rows_encoded": embedded["encoded"],
+                     "rows_cached": embedded["cached"], "best_epoch": head["best_epoch"]},
+            tags={**tags, "adaptflow.snapshot": snapshot["snapshot"]},
+            datasets=[DatasetInput(train, "train", validated["train"], validated["digest"][:40], "training"),
+                      DatasetInput(test, "test", validated["test"], validated["digest"][:40], "evaluation")],
+            artifacts_dir=artifacts,
+        )
+        version = log_and_register(
+            tracking_uri=ctx.settings.mlflow_tracking_uri, experiment=config.mlflow.experiment,
+            model_name=config.name, flow_run_id=flow_run_id, record=record, head_path=head_path, spec=spec,
+            input_texts=list(test["text"].head(3)), version_tags={**tags, "adaptflow.flow_run_id": flow_run_id},
+        )
+    return {"run_id": version.run_id, "model_name": version.model_name, "version": version.version,
+            "aliases": version.aliases, "model_uri": version.model_uri}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} → {"a.b": 1}: config sections as MLflow params."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,32 @@
+"""Data tasks: ingest a snapshot, validate it (quarantine report as a Prefect table artifact)."""
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.config import RunConfig
+from adaptflow.stages import ingest_stage, validate_stage
+from tasks.policy import RETRY_DELAYS, is_transient, run_stage
+
+
+@task(name="ingest_data", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
+      cache_policy=NO_CACHE)
+def ingest_data(config: RunConfig) -> dict:
+    """Read, normalise, split and snapshot the labelled rows; returns the snapshot's URIs and digest."""
+    return run_stage(ingest_stage, config)
+
+
+@task(name="validate_data", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
+      cache_policy=NO_CACHE)
+def validate_data(config: RunConfig, snapshot: dict) -> dict:
+    """Apply the validation rules; bad rows are quarantined with a reason, counted in an artifact."""
+    result = run_stage(validate_stage, config, snapshot)
+    reasons = {k: v for k, v in result["report"]["reasons"].items() if v}
+    create_table_artifact(
+        key="validation-report",
+        table=[{"reason": reason, "rows": count} for reason, count in reasons.items()] or [{"reason": "none", "rows": 0}],
+        description=f"Quarantined rows of {config.name}: {result['rows']['quarantined']} "
+                    f"(train {result['rows']['train']}, test {result['rows']['test']} kept). "
+                    f"Rows: {result['quarantine']}",
+    )
+    return result

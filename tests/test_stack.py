@@ -1,0 +1,111 @@
+"""`adaptflow stack` for real: up, status, data through a down/up cycle, ports, credentials, auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+from botocore.config import Config
+from typer.testing import CliRunner
+
+from adaptflow import stack
+from adaptflow.cli.stack import app
+
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def group_gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)  # the service was its group's leader: any survivor (a worker) still answers
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def recorded_ports(state_dir) -> list[int]:
+    return [p for e in stack.read_services(state_dir).values() for p in (e["port"], *e.get("ports", {}).values())]
+
+
+def test_up_status_down_up_keeps_data(tmp_path):
+    d = str(tmp_path / "state")
+    taken: set[int] = set()  # explicit free ports: never take (or move) a developer's 8333/5000/4200
+    ports = {name: stack.free_port(taken, twin=name == "s3") for name in stack.SERVICES}
+    argv = ["--state-dir", d, "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"])]
+    try:
+        result = cli("up", *argv, "--prefect-port", str(ports["prefect"]), "--timeout", "120")
+        assert result.exit_code == 0, result.output
+
+        result = cli("status", "--state-dir", d, "--json")
+        assert result.exit_code == 0, result.output
+        status = json.loads(result.stdout)  # exactly one JSON object
+        assert set(status) == {"s3", "mlflow", "prefect"}
+        assert all(s["healthy"] and s["url"] for s in status.values()), status
+        assert status["prefect"]["api_url"] == f"http://127.0.0.1:{ports['prefect']}/api"
+        pids = [s["pid"] for s in status.values()]
+
+        # idempotent: a second up leaves the running services alone
+        assert cli("up", "--state-dir", d, "--json").exit_code == 0
+        assert [s["pid"] for s in stack.status(d).values()] == pids
+
+        assert stat.S_IMODE(os.stat(tmp_path / "state" / "credentials.json").st_mode) == 0o600
+        settings = stack.stack_settings(d)
+        s3 = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=settings.secret_key, region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )  # fmt: skip
+        s3.put_object(Bucket=settings.bucket, Key="keep/me.txt", Body=b"still here")
+        with pytest.raises(urllib.error.HTTPError) as denied:  # no signature, no access
+            urllib.request.urlopen(f"{settings.s3_endpoint_url}/{settings.bucket}/keep/me.txt", timeout=5)
+        assert denied.value.code == 403
+
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient(settings.mlflow_tracking_uri).create_experiment("kept")
+        assert "AWS_ENDPOINT_URL_S3=" in cli("env", "--state-dir", d).stdout
+
+        result = cli("down", "--state-dir", d)
+        assert result.exit_code == 0, result.output
+        assert all(group_gone(pid) for pid in pids)
+        assert all(stack.port_free(p) for p in recorded_ports(d))
+        result = cli("status", "--state-dir", d, "--json")
+        assert result.exit_code == 1 and not any(s["healthy"] for s in json.loads(result.stdout).values())
+
+        # someone takes MLflow's recorded port meanwhile: up says so and picks another one
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the old server's TIME_WAITs
+            squatter.bind(("127.0.0.1", ports["mlflow"]))
+            squatter.listen()
+            result = cli("up", "--state-dir", d, "--only", "s3,mlflow", "--json", "--timeout", "120")
+        assert result.exit_code == 0, result.output
+        assert f"port {ports['mlflow']}" in result.stderr and "in use by" in result.stderr
+        status = json.loads(result.stdout)
+        assert status["s3"]["url"] == settings.s3_endpoint_url  # recorded port reused: same URL
+        assert status["mlflow"]["url"] != settings.mlflow_tracking_uri and status["mlflow"]["healthy"]
+        assert s3.get_object(Bucket=settings.bucket, Key="keep/me.txt")["Body"].read() == b"still here"
+        kept = mlflow.MlflowClient(status["mlflow"]["url"]).get_experiment_by_name("kept")
+        assert kept is not None and kept.experiment_id == experiment_id
+    finally:
+        stack.down(d)
+    assert all(group_gone(s["pid"]) for s in status.values() if s["pid"])
+
+
+def test_requested_port_taken_is_named(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "s3", "--s3-port", str(port)])
+    assert result.exit_code == 1
+    assert f"port {port}" in result.stderr and f"pid {os.getpid()}" in result.stderr  # who holds it
+    assert stack.read_services(tmp_path) == {}  # nothing started
