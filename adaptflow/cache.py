@@ -114,7 +114,8 @@ class EmbeddingCache:
     def refresh(self) -> None:
         """Reload the index from S3 (picks up shards that other writers published since)."""
         shard_dir = f"{self.prefix}/shards/"
-        ids = [k[len(shard_dir) : -len(MANIFEST) - 1] for k in self.store.list_keys(shard_dir) if k.endswith(f"/{MANIFEST}")]
+        manifests = [k for k in self.store.list_keys(shard_dir) if k.endswith(f"/{MANIFEST}")]
+        ids = [k[len(shard_dir) : -len(MANIFEST) - 1] for k in manifests]
         # objects without a manifest (a crashed write) are simply not listed here: they are invisible
         with ThreadPoolExecutor(_THREADS) as pool:
             loaded = list(pool.map(self._load_shard_index, ids))
@@ -156,6 +157,9 @@ class EmbeddingCache:
             # unique keeps the first copy of a row written twice (two runs racing on the same texts): same vector
             self._sorted, first = np.unique(allh, return_index=True)
             self._shard_of, self._row_of = shard_no[first], rows[first]
+        else:  # every shard dropped
+            self._sorted = np.empty(0, dtype="S64")
+            self._shard_of = self._row_of = np.empty(0, dtype=np.int32)
         self._stale = False
 
     def _lookup(self, hashes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

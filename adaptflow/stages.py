@@ -163,7 +163,7 @@ def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
         frame.to_parquet(buffer, index=False)
         total = int(sum(map(len, ids)))
         log.info("tokenized %d texts, %d tokens in %.2fs", len(texts), total, time.perf_counter() - started)
-        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(texts), "tokens": total})
+        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(texts), "n_tokens": total})
     return {"tokens": ctx.store.uri(f"{prefix}/tokens.parquet"), **meta}
 
 
@@ -285,6 +285,7 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
 def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, encoder: dict, snapshot: dict,
                    validated: dict, embedded: dict, head: dict, evaluation: dict) -> dict:
     """Log the run to MLflow, register the pyfunc model and set its aliases (idempotent per flow run)."""
+    from adaptflow.data import frame_digest
     from adaptflow.encoders import push_encoder
     from adaptflow.registry import DatasetInput, RunRecord, log_and_register
     from adaptflow.serving import ModelSpec
@@ -312,8 +313,8 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                      "rows_quarantined": validated["rows"]["quarantined"], "rows_encoded": embedded["encoded"],
                      "rows_cached": embedded["cached"], "best_epoch": head["best_epoch"]},
             tags={**tags, "adaptflow.snapshot": snapshot["snapshot"]},
-            datasets=[DatasetInput(train, "train", validated["train"], validated["digest"][:40], "training"),
-                      DatasetInput(test, "test", validated["test"], validated["digest"][:40], "evaluation")],
+            datasets=[DatasetInput(frame[["text", "label"]], name, validated[name], _short(frame_digest(frame)), context)
+                      for frame, name, context in ((train, "train", "training"), (test, "test", "evaluation"))],
             artifacts_dir=artifacts,
         )
         version = log_and_register(
@@ -323,6 +324,11 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
         )
     return {"run_id": version.run_id, "model_name": version.model_name, "version": version.version,
             "aliases": version.aliases, "model_uri": version.model_uri}
+
+
+def _short(digest: str) -> str:
+    """A digest as MLflow datasets take it (at most 36 characters)."""
+    return digest.split(":", 1)[-1][:32]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

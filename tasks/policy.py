@@ -17,8 +17,9 @@ def is_transient(task, task_run, state) -> bool:
         state.result()
     except ValueError:  # DataError, ConfigError, EncoderError: deterministic, the message says what to fix
         return False
-    except Exception:
-        return True
+    except Exception as exc:  # noqa: BLE001
+        status = getattr(exc, "get_http_status_code", lambda: 500)()
+        return not 400 <= status < 500  # an MLflow 4xx (bad parameter, conflict) fails the same way again
     return False
 
 

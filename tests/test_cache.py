@@ -97,6 +97,7 @@ def test_tampered_vectors_are_detected(store):
     cache = EmbeddingCache(store, **SPEC)
     hashes, vectors = rows(5)
     shard = cache.write_shard(hashes, vectors)
+    assert cache.missing(hashes) == []  # this instance's index is loaded before the tampering
     prefix = f"{cache.prefix}/shards/{shard}"
     buf = io.BytesIO()
     np.save(buf, vectors + 1e-3)
@@ -108,10 +109,11 @@ def test_tampered_vectors_are_detected(store):
     manifest["objects"]["vectors.npy"]["sha256"] = __import__("hashlib").sha256(buf.getvalue()).hexdigest()
     store.put_bytes(f"{prefix}/_manifest.json", json.dumps(manifest).encode())
     with pytest.raises(CacheIntegrityError, match="does not match the shard id"):
-        EmbeddingCache(store, **SPEC).read(hashes)
+        EmbeddingCache(store, **SPEC).missing(hashes)  # caught as soon as the index is loaded
     # the remedy the message names works: drop, and the rows are missing again
     cache.drop_shard(shard)
     assert cache.missing(hashes) == hashes
+    assert list(store.list_keys(prefix)) == []
 
 
 def test_read_downloads_only_the_shards_it_needs(store, monkeypatch):

@@ -50,8 +50,12 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
 
     store = ArtifactStore.from_settings(test_settings, bucket=flow_env)
     keys = set(store.list_keys(""))
-    for prefix in ("snapshots/", "validated/", "tokens/", "embeddings/", "heads/", "evaluations/", "mlflow/"):
+    for prefix in ("snapshots/", "validated/", "tokens/", "embeddings/", "heads/", "evaluations/"):
         assert any(k.startswith(prefix) for k in keys), f"nothing stored under {prefix}"
+    # the MLflow server proxies the run's artifacts (model, report, confusion matrix) into its own bucket
+    mlflow_keys = list(ArtifactStore.from_settings(test_settings).list_keys("mlflow/"))
+    assert any(k.endswith("confusion_matrix.png") for k in mlflow_keys)
+    assert any(k.endswith("head.safetensors") for k in mlflow_keys)
     for manifest in (k for k in keys if k.endswith("_manifest.json")):
         assert store.verify_manifest(manifest.rsplit("/", 1)[0]) == []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import typer
 
@@ -16,8 +15,5 @@ def fail(exc: BaseException | str, *, what: str = "adaptflow") -> "typer.Exit":
     message = str(exc).strip() or type(exc).__name__
     if isinstance(exc, BaseException) and not isinstance(exc, ValueError):
         message = f"{type(exc).__name__}: {message}"
-    code = EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_FAULT
-    body = "\n".join(textwrap.fill(line, 110, subsequent_indent="  ") if len(line) > 110 else line
-                     for line in message.splitlines())
-    print(f"error: {what} failed:\n{body}", file=sys.stderr)
-    return typer.Exit(code)
+    print(f"error: {what} failed:\n{message}", file=sys.stderr)
+    return typer.Exit(EXIT_BAD_INPUT if isinstance(exc, (ValueError, str)) else EXIT_FAULT)
