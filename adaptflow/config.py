@@ -42,7 +42,7 @@ class EncoderSection(_Section):
     max_length: int = Field(128, ge=8, le=8192)
     pooling: Literal["mean", "cls"] = "mean"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    tokens_per_batch: int = Field(16384, ge=256, description="padded tokens per forward pass")
+    tokens_per_batch: int | None = Field(None, ge=256, description="padded tokens per forward pass; unset: per device")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
