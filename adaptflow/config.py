@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from adaptflow.gate import GateRules
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and what to do."""
@@ -71,6 +73,14 @@ class MlflowSection(_Section):
     experiment: str = "adaptflow"
 
 
+class OrchestrationSection(_Section):
+    """Where the heavy stages run."""
+
+    gpu_deployment: str | None = Field(
+        None, description="Prefect deployment (FLOW/NAME) that runs embed + fit_head on the gpu pool; "
+        "unset: ADAPTFLOW_GPU_DEPLOYMENT, else inline")
+
+
 class RunConfig(_Section):
     """A whole retraining job."""
 
@@ -80,6 +90,8 @@ class RunConfig(_Section):
     encoder: EncoderSection = EncoderSection()
     head: HeadSection = HeadSection()
     mlflow: MlflowSection = MlflowSection()
+    gate: GateRules = GateRules()
+    orchestration: OrchestrationSection = OrchestrationSection()
 
     @field_validator("name")
     @classmethod

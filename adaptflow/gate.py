@@ -14,39 +14,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 METRICS = ("accuracy", "macro_f1")
 
 
-@dataclass(frozen=True)
-class GateRules:
-    """How a challenger must compare with the champion; checked at construction."""
+class GateRules(BaseModel):
+    """How a challenger must compare with the champion (the ``gate:`` config section); checked at construction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     metric: Literal["accuracy", "macro_f1"] = "macro_f1"
     min_delta: float = 0.0
-    confidence: float = 0.95
+    confidence: float = Field(0.95, ge=0.5, lt=1.0)
     test: Literal["bootstrap", "mcnemar", "both"] = "bootstrap"
-    n_bootstrap: int = 1000
+    n_bootstrap: int = Field(1000, ge=100, description="resamples; fewer give an unusable interval")
     on_inconclusive: Literal["hold", "promote"] = "hold"
-    max_class_drop: float = 0.05
-    min_metric: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"gate.metric must be one of {METRICS}, got {self.metric!r}")
-        if not 0.5 <= self.confidence < 1:
-            raise ValueError(f"gate.confidence must be in [0.5, 1), e.g. 0.95; got {self.confidence}")
-        if self.test not in ("bootstrap", "mcnemar", "both"):
-            raise ValueError(f"gate.test must be bootstrap, mcnemar or both; got {self.test!r}")
-        if self.n_bootstrap < 100:
-            raise ValueError(f"gate.n_bootstrap must be >= 100 for a usable interval; got {self.n_bootstrap}")
-        if self.on_inconclusive not in ("hold", "promote"):
-            raise ValueError(f"gate.on_inconclusive must be hold or promote; got {self.on_inconclusive!r}")
-        if not 0 <= self.max_class_drop <= 1:
-            raise ValueError(f"gate.max_class_drop must be in [0, 1]; got {self.max_class_drop}")
-        unknown = set(self.min_metric) - set(METRICS)
-        if unknown:
-            raise ValueError(f"gate.min_metric keys must be among {METRICS}; got {sorted(unknown)}")
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0, description="largest tolerated drop of any class's recall")
+    min_metric: dict[Literal["accuracy", "macro_f1"], float] = Field(default_factory=dict,
+                                                                    description="absolute floors")
+    smoke_test: bool = Field(True, description="load the model in a fresh process and predict before promoting")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,10 +160,54 @@ def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
 
 
 def _finish(client: MlflowClient, model_name: str, run_id: str, version: str, model_uri: str) -> RegisteredVersion:
-    """Point ``challenger`` at the new version; make it ``champion`` too when the model has none yet."""
+    """Point ``challenger`` at the new version; ``champion`` moves only through the gate (or a person)."""
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    if current_alias(client, model_name, CHAMPION) is None:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        client.set_model_version_tag(model_name, version, "adaptflow.promotion", json.dumps(
-            {"decision": "promote", "reason": "first model of this name"}))
     return RegisteredVersion(run_id, model_name, str(version), aliases_of(client, model_name, version), model_uri)
+
+
+# ------------------------------------------------------------------------------------------ alias audit trail
+# Every move of an alias is recorded as one registered-model tag ``adaptflow.audit.<ns timestamp>`` holding
+# {at, alias, from, to, actor, kind, reason}; ``alias_history`` reads them back in order.
+AUDIT_PREFIX = "adaptflow.audit."
+
+
+def move_alias(client: MlflowClient, model_name: str, alias: str, version: str, *, reason: str, actor: str,
+               kind: str) -> dict:
+    """Point ``alias`` at ``version`` and append the move to the model's audit trail.
+
+    Args:
+        kind: why it moved: ``gate`` (automatic promotion), ``manual`` (adaptflow promote), ``rollback``.
+    """
+    previous = current_alias(client, model_name, alias)
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "alias": alias,
+             "from": previous.version if previous else None, "to": str(version), "actor": actor,
+             "kind": kind, "reason": reason[:2000]}
+    client.set_registered_model_alias(model_name, alias, str(version))
+    client.set_registered_model_tag(model_name, f"{AUDIT_PREFIX}{time.time_ns()}", json.dumps(entry))
+    return entry
+
+
+def alias_history(client: MlflowClient, model_name: str) -> list[dict]:
+    """The model's alias moves, oldest first."""
+    tags = client.get_registered_model(model_name).tags
+    keys = sorted((k for k in tags if k.startswith(AUDIT_PREFIX)), key=lambda k: int(k[len(AUDIT_PREFIX):]))
+    return [json.loads(tags[k]) for k in keys]
+
+
+def rollback_target(history: list[dict], current: str | None) -> str | None:
+    """The champion before the current one: the ``from`` of the last forward move onto ``current``."""
+    for entry in reversed(history):
+        if entry["alias"] == CHAMPION and entry["to"] == current and entry["kind"] != "rollback" and entry["from"]:
+            return entry["from"]
+    return None
+
+
+def rollback(client: MlflowClient, model_name: str, *, reason: str, actor: str) -> dict:
+    """Move ``champion`` back to the previous champion (recorded); ValueError when there is none."""
+    current = current_alias(client, model_name, CHAMPION)
+    target = rollback_target(alias_history(client, model_name), current.version if current else None)
+    if target is None:
+        raise ValueError(f"{model_name}: no previous champion to roll back to "
+                         f"(current champion: {current.version if current else 'none'}); "
+                         f"use `adaptflow promote {model_name} VERSION --reason ...` to pick one")
+    return move_alias(client, model_name, CHAMPION, target, reason=reason, actor=actor, kind="rollback")

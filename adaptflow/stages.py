@@ -182,10 +182,31 @@ def _device(config: RunConfig) -> str:
     return config.encoder.device
 
 
-def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dict) -> dict:
-    """Encode only the rows the cache has never seen, flushing a shard per chunk (a crash loses one chunk)."""
-    from adaptflow.embed import iter_encode, resolve_dtype
+def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids: list[list[int]], *, encoder_ref: str,
+                      pooling: str, dtype: str, device: str, tokens_per_batch: int | None = None) -> float | None:
+    """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
+
+    Returns:
+        tokens/s of the forward passes, or None when there was nothing to encode.
+    """
+    from adaptflow.embed import iter_encode
     from adaptflow.encoders import load_encoder, resolve_encoder
+
+    if not hashes:
+        return None
+    _, model = load_encoder(resolve_encoder(encoder_ref, store=ctx.store, cache_dir=ctx.settings.cache_dir),
+                            device=device)
+    hashes_array = np.asarray(hashes)
+    started, n_tokens = time.perf_counter(), sum(map(len, token_ids))
+    for indices, vectors in iter_encode(model, token_ids, pooling=pooling, dtype=dtype, device=device,
+                                        tokens_per_batch=tokens_per_batch):
+        cache.write_shard(list(hashes_array[indices]), vectors)
+    return round(n_tokens / (time.perf_counter() - started), 1)
+
+
+def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dict) -> dict:
+    """Encode only the rows the cache has never seen; everything else is read back later by hash."""
+    from adaptflow.embed import resolve_dtype
 
     device = _device(config)
     dtype = resolve_dtype(config.encoder.dtype, device)
@@ -193,24 +214,13 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     frame = _read_frame(ctx, tokens["tokens"])
     missing = set(cache.missing(list(frame["text_sha256"])))
     todo = frame[frame["text_sha256"].isin(missing)]
-    out = {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
-           "encoded": len(todo), "cached": len(frame) - len(todo), "tokens_per_s": None}
-    if len(todo) == 0:
-        log.info("embeddings: all %d rows cached under %s, nothing to encode", len(frame), cache.prefix)
-        return out
-    _, model = load_encoder(resolve_encoder(encoder["ref"], store=ctx.store, cache_dir=ctx.settings.cache_dir),
-                            device=device)
-    hashes = todo["text_sha256"].to_numpy()
-    token_ids = list(todo["ids"].map(list))
-    started, n_tokens = time.perf_counter(), int(todo["ids"].map(len).sum())
-    for indices, vectors in iter_encode(model, token_ids, pooling=config.encoder.pooling, dtype=dtype, device=device,
-                                        tokens_per_batch=config.encoder.tokens_per_batch):
-        cache.write_shard(list(hashes[indices]), vectors)
-    seconds = time.perf_counter() - started
-    out["tokens_per_s"] = round(n_tokens / seconds, 1)
-    log.info("embedded %d new rows (%d cached) in %.1fs: %.0f tokens/s, %s on %s",
-             len(todo), out["cached"], seconds, n_tokens / seconds, dtype, device)
-    return out
+    tokens_per_s = encode_into_cache(
+        ctx, cache, list(todo["text_sha256"]), [list(ids) for ids in todo["ids"]], encoder_ref=encoder["ref"],
+        pooling=config.encoder.pooling, dtype=dtype, device=device, tokens_per_batch=config.encoder.tokens_per_batch)
+    log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
+             len(todo), tokens_per_s, dtype, device, len(frame) - len(todo), cache.prefix)
+    return {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
+            "encoded": len(todo), "cached": len(frame) - len(todo), "tokens_per_s": tokens_per_s}
 
 
 def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str]):
@@ -299,7 +309,10 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     train, test = _read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
     tags = {"adaptflow.data_digest": validated["digest"], "adaptflow.encoder_ref": encoder_ref,
-            "adaptflow.encoder_digest": encoder["digest"], "adaptflow.labels": json.dumps(validated["labels"])}
+            "adaptflow.encoder_digest": encoder["digest"], "adaptflow.labels": json.dumps(validated["labels"]),
+            # what the gate needs to re-score this version later on other rows, without downloading the model
+            "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
+            "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"]}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):
@@ -340,3 +353,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# ---------------------------------------------------------------------------------------------- hand-over
+
+
+def handover_key(run_id: str, name: str) -> str:
+    """Where a child flow run (e.g. on the gpu pool) leaves its result for the parent run ``run_id``."""
+    return f"runs/{run_id}/{name}.json"
+
+
+def write_handover(ctx: StageContext, run_id: str, name: str, result: dict) -> str:
+    """Store a child flow's result for its parent; returns the URI."""
+    key = handover_key(run_id, name)
+    ctx.store.put_bytes(key, json.dumps(result, default=str).encode())
+    return ctx.store.uri(key)
+
+
+def read_handover(ctx: StageContext, run_id: str, name: str) -> dict:
+    """Read what a child flow left for parent run ``run_id``."""
+    return json.loads(ctx.store.get_bytes(handover_key(run_id, name)))

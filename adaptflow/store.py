@@ -44,15 +44,57 @@ _CONFLICT_CODES = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 
 
 class StoreError(RuntimeError):
-    """An S3 operation failed; the message names the object, the endpoint and what to check."""
+    """An S3 operation failed; the message names the object, the endpoint and what to check.
+
+    ``status`` is the HTTP status behind it (None: no answer, e.g. the server is unreachable).
+    ``get_http_status_code()`` follows MLflow's exceptions, so one retry rule serves both (tasks/policy.py):
+    a 4xx (access denied, no such bucket or key, conditional write refused) fails the same way again and is
+    not retried; no answer, a timeout or a 5xx is transient and is.
+    """
+
+    status: int | None = None
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+    def get_http_status_code(self) -> int:
+        return self.status or 503
+
+    @property
+    def transient(self) -> bool:
+        return not 400 <= self.get_http_status_code() < 500
 
 
 class ConflictError(StoreError):
     """A conditional write was refused because the object already exists."""
 
+    status = 412
+
 
 class NotFoundError(StoreError):
     """The object (not the bucket) does not exist."""
+
+    status = 404
+
+
+class BucketNotFoundError(StoreError):
+    """The bucket does not exist at this endpoint."""
+
+    status = 404
+
+
+class AccessDeniedError(StoreError):
+    """The credentials were refused, or this identity may not perform the operation."""
+
+    status = 403
+
+
+class IntegrityError(StoreError):
+    """Downloaded bytes do not match the digest or size recorded for them (manifest or ETag)."""
+
+    status = 500  # a re-download may heal a transfer error; a corrupt object fails again, loudly
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -7,17 +7,20 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")  # library logs show in the flow run
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from adaptflow.config import RunConfig
 from tasks.data import ingest_data, validate_data
-from tasks.embedding import embed_texts, resolve_encoder, tokenize_texts
+from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
+from tasks.embedding import resolve_encoder, run_on_gpu_pool, tokenize_texts
+from tasks.promotion import gate_model
 from tasks.registry import register_model
-from tasks.training import evaluate_head, fit_head
+from tasks.training import evaluate_head
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(config: RunConfig) -> dict:
-    """ingest → validate → tokenize → embed (cached) → fit head → evaluate → register.
+    """ingest → validate → tokenize → embed (cached) → fit head → evaluate → register → gate.
 
     Args:
         config: the validated run configuration (see adaptflow.config.RunConfig).
@@ -29,18 +32,28 @@ def retrain(config: RunConfig) -> dict:
     snapshot = ingest_data(config)
     validated = validate_data(config, snapshot)
     tokens = tokenize_texts(config, validated, encoder)
-    embedded = embed_texts(config, tokens, encoder)
-    head = fit_head(config, validated, encoder, embedded)
+    gpu_deployment = config.orchestration.gpu_deployment or os.environ.get("ADAPTFLOW_GPU_DEPLOYMENT")
+    if gpu_deployment:  # the heavy part runs on the gpu pool's worker
+        trained = run_on_gpu_pool(gpu_deployment, GPU_FLOW, {"config": config.model_dump(mode="json"),
+                                  "tokens": tokens, "validated": validated, "encoder": encoder}, str(flow_run.id))
+    else:
+        trained = embed_and_train(config, tokens, validated, encoder)
+    embedded, head = trained["embedded"], trained["head"]
     evaluation = evaluate_head(config, validated, encoder, embedded, head)
     registered = register_model(config, encoder=encoder, snapshot=snapshot, validated=validated,
                                 embedded=embedded, head=head, evaluation=evaluation)
+    gate = gate_model(config, validated, registered)
     stages = {"resolve_encoder": encoder, "ingest": snapshot, "validate": validated, "tokenize": tokens,
-              "embed": embedded, "train_head": head, "evaluate": evaluation, "register": registered}
+              "embed": embedded, "train_head": head, "evaluate": evaluation, "register": registered,
+              "gate": gate}
     return {
         "run_id": registered["run_id"],
         "model_name": registered["model_name"],
         "version": registered["version"],
-        "aliases": registered["aliases"],
+        "aliases": gate["aliases"],
+        "decision": gate["decision"],
+        "reason": gate["reason"],
+        "gate": {k: gate[k] for k in ("metric", "delta", "ci_low", "ci_high", "p_value", "champion_version")},
         "model_uri": f"models:/{registered['model_name']}/{registered['version']}",
         "metrics": evaluation["metrics"],
         "rows": validated["rows"],
@@ -50,3 +63,16 @@ def retrain(config: RunConfig) -> dict:
                       "embeddings": embedded["cache"], "head": head["head"], "evaluation": evaluation["evaluation"]},
         "seconds": {name: stage["seconds"] for name, stage in stages.items()},
     }
+
+
+@flow(name="retrain-from-config", log_prints=True)
+def retrain_from_config(config_uri: str, overrides: list[str] | None = None) -> dict:
+    """Deployment entry point: load a YAML config (local path or s3:// URI), apply overrides, retrain.
+
+    Args:
+        config_uri: where the config lives; configs in S3 let a team change a nightly job without a redeploy.
+        overrides: ``key.path=value`` strings, as ``adaptflow retrain --set`` takes them.
+    """
+    from adaptflow.config import load_config
+
+    return retrain(load_config(config_uri, overrides or []))

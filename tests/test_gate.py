@@ -74,7 +74,9 @@ def test_mcnemar_exact_values():
 
 
 def test_rules_are_validated():
-    with pytest.raises(ValueError, match="gate.metric"):
+    with pytest.raises(ValueError, match="metric"):
         GateRules(metric="auc")
-    with pytest.raises(ValueError, match="gate.confidence"):
+    with pytest.raises(ValueError, match="confidence"):
         GateRules(confidence=1.5)
+    with pytest.raises(ValueError, match="extra"):
+        GateRules(min_detla=0.1)

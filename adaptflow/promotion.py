@@ -1,0 +1,135 @@
+"""Champion/challenger promotion: re-score the champion on the challenger's test rows, decide, move aliases.
+
+The champion is re-scored from its version tags (head URI + embedding settings), not by downloading and
+running its pyfunc: its test-row embeddings are usually already in the row cache, and when its encoder
+differs only the missing rows are encoded with *its* encoder. The decision and its numbers land on the
+model version (tags), in the challenger's MLflow run, and in the audit trail when an alias moves. The whole
+decide-and-move happens under a store lease, so two runs finishing together cannot both move ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from adaptflow.config import RunConfig
+from adaptflow.gate import GateDecision, decide
+from adaptflow.stages import StageContext, _read_frame, encode_into_cache
+
+log = logging.getLogger("adaptflow")
+
+SMOKE_TEXTS = ["This is great.", "This is terrible.", "An ordinary sentence about nothing in particular."]
+
+
+def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
+    """Predicted labels of a registered version on ``texts``, via the embedding cache (encoding what is missing)."""
+    from adaptflow.cache import EmbeddingCache, text_sha256
+    from adaptflow.embed import tokenize_texts
+    from adaptflow.encoders import load_encoder, resolve_encoder
+    from adaptflow.heads import load_head, predict_proba
+    from adaptflow.store import parse_s3_uri
+
+    tags = version.tags
+    cache = EmbeddingCache(ctx.store, encoder_digest=tags["adaptflow.encoder_digest"],
+                           max_length=int(tags["adaptflow.max_length"]), pooling=tags["adaptflow.pooling"],
+                           dtype=tags["adaptflow.dtype"])
+    hashes = [text_sha256(t) for t in texts]
+    missing = set(cache.missing(hashes))
+    if missing:
+        todo = list(dict.fromkeys(t for t, h in zip(texts, hashes) if h in missing))
+        tokenizer, _ = load_encoder(resolve_encoder(tags["adaptflow.encoder_ref"], store=ctx.store,
+                                                    cache_dir=ctx.settings.cache_dir))
+        ids = tokenize_texts(tokenizer, todo, int(tags["adaptflow.max_length"]))
+        log.info("gate: encoding %d test rows with version %s's encoder", len(todo), version.version)
+        encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=tags["adaptflow.encoder_ref"],
+                          pooling=tags["adaptflow.pooling"], dtype=tags["adaptflow.dtype"], device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        head_path = ctx.store.get_file(parse_s3_uri(tags["adaptflow.head_uri"])[1], Path(tmp) / "head.safetensors")
+        head, labels = load_head(head_path)
+    proba = predict_proba(head, cache.read(hashes))
+    return [labels[i] for i in proba.argmax(axis=1)]
+
+
+def smoke_test(model_uri: str, env: dict[str, str], texts: list[str] = SMOKE_TEXTS, timeout: float = 300) -> list[dict]:
+    """Load ``model_uri`` through mlflow.pyfunc in a fresh process and predict ``texts``; raise if it cannot."""
+    code = ("import json, sys, mlflow.pyfunc, pandas as pd\n"
+            "from adaptflow.serving import rows_as_predictions\n"
+            "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+            "print(json.dumps(rows_as_predictions(m.predict(pd.DataFrame({'text': json.loads(sys.argv[2])})))))\n")
+    done = subprocess.run([sys.executable, "-c", code, model_uri, json.dumps(texts)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env})
+    if done.returncode != 0:
+        raise RuntimeError(f"serving smoke test of {model_uri} failed in a fresh process:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registered: dict) -> dict:
+    """Decide promote / reject / hold for the registered challenger and move ``champion`` on promote."""
+    from adaptflow.locks import store_lock
+    from adaptflow.registry import CHAMPION, alias_history, client_for, current_alias, move_alias
+
+    client = client_for(ctx.settings.mlflow_tracking_uri)
+    name, version = registered["model_name"], registered["version"]
+    challenger = client.get_model_version(name, version)
+    test = _read_frame(ctx, validated["test"])
+    texts, labels = list(test["text"]), validated["labels"]
+    index = {label: i for i, label in enumerate(labels)}
+    y_true = test["label"].map(index).to_numpy()
+    challenger_pred = np.array([index[p] for p in score_version(ctx, challenger, texts)])
+
+    with store_lock(ctx.store, f"promote/{name}"):
+        champion = current_alias(client, name, CHAMPION)
+        champion_pred = None
+        if champion is not None and champion.version != version:
+            # a champion label the challenger does not know is simply a wrong answer on that row
+            predicted = score_version(ctx, champion, texts)
+            champion_pred = np.array([index.get(p, (y + 1) % len(labels)) for p, y in zip(predicted, y_true)])
+        verdict: GateDecision = decide(y_true, challenger_pred, champion_pred, labels, config.gate, seed=config.seed)
+        if verdict.decision == "promote" and config.gate.smoke_test:
+            smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())
+        moved = None
+        if verdict.decision == "promote":
+            moved = move_alias(client, name, CHAMPION, version, reason=verdict.reason, actor="adaptflow-gate",
+                               kind="gate")
+    _record(client, name, version, registered["run_id"], verdict, champion.version if champion else None)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    return {**verdict.to_dict(), "champion_version": champion.version if champion else None, "aliases": aliases,
+            "alias_move": moved, "history_length": len(alias_history(client, name))}
+
+
+def _record(client, name: str, version: str, run_id: str, verdict: GateDecision, champion: str | None) -> None:
+    """Put the decision on the version (tags) and in the challenger's run (tags, metrics, gate.json)."""
+    payload = {**verdict.to_dict(), "champion_version": champion}
+    client.set_model_version_tag(name, version, "adaptflow.gate.decision", verdict.decision)
+    client.set_model_version_tag(name, version, "adaptflow.gate.reason", verdict.reason[:4000])
+    client.set_model_version_tag(name, version, "adaptflow.gate", json.dumps(payload)[:4900])
+    client.set_tag(run_id, "adaptflow.gate.decision", verdict.decision)
+    numbers = {f"gate_{k}": v for k, v in (("delta", verdict.delta), ("ci_low", verdict.ci_low),
+                                           ("ci_high", verdict.ci_high), ("p_value", verdict.p_value)) if v is not None}
+    for key, value in numbers.items():
+        client.log_metric(run_id, key, value)
+    client.log_dict(run_id, payload, "gate/decision.json")
+
+
+def gate_markdown(result: dict) -> str:
+    """The decision as a short markdown report (Prefect artifact)."""
+    lines = [f"## Gate: **{result['decision'].upper()}**", "", result["reason"], "",
+             "| metric | challenger | champion |", "| --- | --- | --- |"]
+    champion = result.get("champion") or {}
+    for metric, value in result["challenger"].items():
+        other = champion.get(metric)
+        lines.append(f"| {metric} | {value:.4f} | {'' if other is None else f'{other:.4f}'} |")
+    if result.get("delta") is not None:
+        lines += ["", f"Δ {result['metric']} = {result['delta']:+.4f}, CI [{result['ci_low']:+.4f}, "
+                      f"{result['ci_high']:+.4f}], McNemar p = {result['p_value']:.4g}"]
+    if result.get("class_recall_deltas"):
+        lines += ["", "| class | Δ recall |", "| --- | --- |"]
+        lines += [f"| {label} | {d:+.4f} |" for label, d in result["class_recall_deltas"].items()]
+    return "\n".join(lines)
