@@ -65,13 +65,43 @@ def read_table(source: str | Path, *, store=None) -> pd.DataFrame:
             raise DataError(f"{name}: reading from S3 needs a store; pass store=ArtifactStore.from_settings(settings).")
         from adaptflow.store import parse_s3_uri  # lazy: local reads must not need boto3
 
-        _, key = parse_s3_uri(name)
+        bucket, key = parse_s3_uri(name)
         _format_of(name)  # refuse an unsupported suffix before downloading anything
+        if not key or key.endswith("/"):
+            raise DataError(f"{name}: names a folder, not a file; point at one CSV/JSONL/Parquet object in it.")
         with tempfile.TemporaryDirectory(prefix="adaptflow-data-") as tmp:
             local = Path(tmp) / PurePosixPath(key).name  # keep the suffix: it decides the format
-            store.get_file(key, local)
+            _download(store, bucket, key, local, name)
             return _read_local(Path(local), name)
     return _read_local(Path(source), name)
+
+
+def _download(store, bucket: str, key: str, local: Path, name: str) -> None:
+    """Fetch an S3 data file (size and MD5 checked); a missing object or bucket, or a refused read, is bad
+    input (DataError: not retried, exit 2). An unreachable server stays a StoreError (transient: retried)."""
+    from adaptflow.store import AccessDeniedError, ArtifactStore, BucketNotFoundError, NotFoundError
+
+    if not isinstance(store, ArtifactStore):  # a duck-typed store (tests): just fetch
+        store.get_file(key, local)
+        return
+    store = store.with_bucket(bucket)  # the bucket named in the URI, not necessarily the artifact bucket
+    try:
+        store.get_file(key, local, verify=True)
+    except NotFoundError:
+        raise DataError(
+            f"{name}: no such object in bucket {store.bucket!r} (at {store._endpoint()}). Check data.train/"
+            f"data.test, e.g. list the folder with `aws s3 ls {name.rsplit('/', 1)[0]}/`."
+        ) from None
+    except BucketNotFoundError:
+        raise DataError(
+            f"{name}: bucket {store.bucket!r} does not exist at {store._endpoint()}. Check the bucket name in "
+            f"the data path, and that AWS_ENDPOINT_URL_S3 points at the store that holds it."
+        ) from None
+    except AccessDeniedError as exc:
+        raise DataError(
+            f"{name}: reading it was refused ({exc}). Check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and that this "
+            f"identity may s3:GetObject on {name}."
+        ) from None
 
 
 def _format_of(name: str) -> tuple[str, bool]:

@@ -30,7 +30,9 @@ class GateRules(BaseModel):
     test: Literal["bootstrap", "mcnemar", "both"] = "bootstrap"
     n_bootstrap: int = Field(1000, ge=100, description="resamples; fewer give an unusable interval")
     on_inconclusive: Literal["hold", "promote"] = "hold"
-    max_class_drop: float = Field(0.05, ge=0.0, le=1.0, description="largest tolerated drop of any class's recall")
+    # 0.10, not tighter: one class's recall on a few hundred test rows moves by ~3 points between two equally
+    # good heads, so a tighter default blocks genuine improvements (measured on rotten_tomatoes)
+    max_class_drop: float = Field(0.10, ge=0.0, le=1.0, description="largest tolerated drop of any class's recall")
     min_metric: dict[Literal["accuracy", "macro_f1"], float] = Field(default_factory=dict,
                                                                     description="absolute floors")
     smoke_test: bool = Field(True, description="load the model in a fresh process and predict before promoting")

@@ -15,10 +15,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -171,6 +174,7 @@ class ArtifactStore:
             )
         self.client = client
         self._bucket_ok = False  # set once the bucket is known to exist; saves a HEAD per missing key
+        self._manifests: dict[str, dict] = {}  # published prefix -> its manifest (for verified reads)
         # 8 MiB parts, 4 threads: enough for a local server on 2 cores; the "classic" client behaves the
         # same with or without awscrt installed.
         self.transfer = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20,
@@ -211,7 +215,7 @@ class ArtifactStore:
             if _code(exc) == "BucketAlreadyExists":  # taken by another account (AWS's global namespace)
                 raise StoreError(
                     f"bucket {self.bucket!r} is owned by someone else at {self._endpoint()}: set ADAPTFLOW_BUCKET "
-                    "to another name"
+                    "to another name", status=409
                 ) from None
             if _code(exc) != "BucketAlreadyOwnedByYou":  # that one means a concurrent create won: fine
                 raise self._error(exc, "", "create bucket") from None
@@ -254,20 +258,42 @@ class ArtifactStore:
             raise FileNotFoundError(f"cannot upload {path}: no such file")
         self._call("upload", key, self.client.upload_file, str(path), self.bucket, key, Config=self.transfer)
 
-    def get_file(self, key: str, path: str | os.PathLike) -> Path:
+    def get_file(self, key: str, path: str | os.PathLike, *, verify: bool = False) -> Path:
         """Download ``key`` to ``path``; it lands via a temp file in the same folder and an atomic rename,
-        so ``path`` is either absent/old or complete, never partial."""
+        so ``path`` is either absent/old or complete, never partial.
+
+        Args:
+            verify: check the download against the object's size and, where its ETag is a plain MD5 (a
+                single-part upload on AWS, MinIO, SeaweedFS), its MD5; IntegrityError when they differ.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        head = self._call("HEAD", key, self.client.head_object, Bucket=self.bucket, Key=key) if verify else None
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         try:
             self._call("download", key, self.client.download_file, self.bucket, key, tmp, Config=self.transfer)
+            if head is not None:
+                self._check_etag(key, Path(tmp), head)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+    def _check_etag(self, key: str, path: Path, head: dict) -> None:
+        size, etag = path.stat().st_size, str(head.get("ETag", "")).strip('"')
+        if size != head.get("ContentLength"):
+            raise IntegrityError(f"{self.uri(key)}: downloaded {size} bytes, the server reports "
+                                 f"{head.get('ContentLength')}; it changed during the download, or the transfer broke")
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            md5 = hashlib.md5(usedforsecurity=False)
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    md5.update(chunk)
+            if md5.hexdigest() != etag:
+                raise IntegrityError(f"{self.uri(key)}: downloaded bytes have MD5 {md5.hexdigest()}, the object's "
+                                     f"ETag is {etag}; it changed during the download, or the transfer broke")
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix``, in the server's (lexicographic) order."""
@@ -301,9 +327,15 @@ class ArtifactStore:
     ) -> dict:
         """Upload ``objects`` under ``prefix``, then its manifest, which makes the prefix visible as complete.
 
+        Objects are never overwritten behind a published manifest: each is written only if absent
+        (``If-None-Match: *``; files > 8 MiB after a HEAD). An object already there with the same bytes is
+        kept (a retry re-uploads nothing). One with other bytes is either a concurrent writer's, still
+        uploading, or left by a crashed attempt; the writer then waits, for at most ``publish_grace_s`` from
+        that object's last write, for the other writer's manifest (then raises ConflictError: the prefix is
+        published, by them), and replaces it only once it is older than that, i.e. abandoned.
+
         Args:
-            prefix: the folder-like key prefix; should be unique per content (e.g. contain a digest) because
-                objects are uploaded before the manifest can refuse a second writer.
+            prefix: the folder-like key prefix; should be unique per content (e.g. contain a digest).
             objects: relative name -> bytes or a local file path.
             meta: JSON-serialisable data stored in the manifest.
 
@@ -311,7 +343,7 @@ class ArtifactStore:
             The manifest written.
 
         Raises:
-            ConflictError: a manifest already exists at ``prefix``.
+            ConflictError: a manifest already exists at ``prefix`` (or appeared while this one was uploading).
         """
         for name in objects:  # all names before any upload: a bad one must not leave a half-written prefix
             _check_object_name(name)
@@ -322,16 +354,16 @@ class ArtifactStore:
         if self.exists(manifest_key):
             raise ConflictError(f"{self.uri(manifest_key)} already exists: {self.uri(prefix)} is already published")
         entries: dict[str, dict] = {}
+        abandoned = False  # once one object proved abandoned, the others of that attempt are too
         for name in sorted(objects):
             value, key = objects[name], _join(prefix, name)
             if isinstance(value, (bytes, bytearray, memoryview)):
-                data = bytes(value)
-                entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                self.put_bytes(key, data)
+                value = bytes(value)
+                sha, size = hashlib.sha256(value).hexdigest(), len(value)
             else:
                 sha, size = sha256_file(Path(value))
-                entries[name] = {"sha256": sha, "size": size}
-                self.put_file(key, value)
+            entries[name] = {"sha256": sha, "size": size}
+            abandoned = self._put_unless_published(key, value, sha, size, manifest_key, abandoned)
         manifest = {
             "objects": entries,
             "meta": meta or {},
@@ -341,6 +373,127 @@ class ArtifactStore:
         self.put_bytes(manifest_key, body, if_none_match=True)
         log.debug("published %s (%d objects)", self.uri(prefix), len(entries))
         return manifest
+
+    #: seconds an object of an unpublished prefix must be left alone before another writer may replace it
+    publish_grace_s: float = 30.0
+
+    def _put(self, key: str, value: bytes | os.PathLike) -> None:
+        if isinstance(value, bytes):
+            self.put_bytes(key, value)
+        else:
+            self.put_file(key, value)
+
+    def _put_unless_published(
+        self, key: str, value: bytes | os.PathLike, sha: str, size: int, manifest_key: str, abandoned: bool
+    ) -> bool:
+        """Write one object of a prefix being published without clobbering another writer's; see publish()."""
+        if abandoned:
+            self._put(key, value)
+            return True
+        if isinstance(value, bytes):
+            try:
+                self.put_bytes(key, value, if_none_match=True)
+                return False
+            except ConflictError:
+                pass
+        elif not self.exists(key):
+            self.put_file(key, value)  # multipart uploads take no If-None-Match here: HEAD, then write
+            return False
+        while True:
+            age = self._same_or_age(key, sha, size)
+            if age is None:  # already holds exactly these bytes: nothing to upload
+                return False
+            if self.exists(manifest_key):
+                raise ConflictError(
+                    f"{self.uri(manifest_key.rsplit('/', 1)[0])} was published by another writer meanwhile"
+                )
+            if age >= self.publish_grace_s:
+                log.warning("replacing %s: left by an interrupted publish %.0f s ago", self.uri(key), age)
+                self._put(key, value)
+                return True
+            time.sleep(min(0.5, self.publish_grace_s - age))
+
+    def _same_or_age(self, key: str, sha: str, size: int) -> float | None:
+        """None when ``key`` holds these bytes, else the seconds since it was last written (server clock)."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            err = self._error(exc, key, "HEAD")
+            if isinstance(err, NotFoundError):
+                return float("inf")  # gone meanwhile (dropped): free to write
+            raise err from None
+        if head.get("ContentLength") == size and self._sha256_of(key) == sha:
+            return None
+        now = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            server_now = parsedate_to_datetime(now) if now else datetime.now(timezone.utc)
+        except (TypeError, ValueError):
+            server_now = datetime.now(timezone.utc)
+        return max(0.0, (server_now - head["LastModified"]).total_seconds())
+
+    def _sha256_of(self, key: str) -> str | None:
+        """The sha256 of an object's bytes, streamed (None when it vanished meanwhile)."""
+        try:
+            body = self._call("GET", key, self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
+            h = hashlib.sha256()
+            for chunk in body.iter_chunks(_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+        except NotFoundError:
+            return None
+
+    # ---- verified reads ------------------------------------------------------------------------------
+
+    def get_verified_bytes(self, key: str, *, prefix: str | None = None) -> bytes:
+        """The content of ``key``, checked against the manifest of its published prefix.
+
+        Args:
+            prefix: the published prefix holding ``key`` (default: its parent "folder").
+
+        Raises:
+            IntegrityError: the bytes differ from what the manifest recorded, or the manifest omits ``key``.
+            NotFoundError: ``key`` or the prefix's manifest is missing.
+        """
+        prefix, name, expected = self._expected(key, prefix)
+        data = self.get_bytes(key)
+        self._compare(key, hashlib.sha256(data).hexdigest(), len(data), expected)
+        return data
+
+    def get_verified_file(self, key: str, path: str | os.PathLike, *, prefix: str | None = None) -> Path:
+        """Download ``key`` like :meth:`get_file` and check it against its prefix's manifest; a file that does
+        not match is removed again, never left behind."""
+        prefix, name, expected = self._expected(key, prefix)
+        path = self.get_file(key, path)
+        sha, size = sha256_file(path)
+        try:
+            self._compare(key, sha, size, expected)
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _expected(self, key: str, prefix: str | None) -> tuple[str, str, dict]:
+        prefix = (prefix if prefix is not None else key.rsplit("/", 1)[0]).strip("/")
+        name = key[len(prefix) + 1:] if prefix else key
+        manifests = self._manifests  # a published manifest never changes: cache it
+        if prefix not in manifests:
+            manifest = self.read_manifest(prefix)
+            if manifest is None:
+                raise NotFoundError(f"{self.uri(_join(prefix, MANIFEST))} does not exist: {self.uri(key)} is not "
+                                    "part of a published prefix (an interrupted write?); re-run the stage")
+            manifests[prefix] = manifest
+        expected = manifests[prefix]["objects"].get(name)
+        if expected is None:
+            raise IntegrityError(f"{self.uri(key)} is not listed in {self.uri(_join(prefix, MANIFEST))}")
+        return prefix, name, expected
+
+    def _compare(self, key: str, sha: str, size: int, expected: dict) -> None:
+        if (sha, size) != (expected["sha256"], expected["size"]):
+            raise IntegrityError(
+                f"{self.uri(key)} does not match its manifest (sha256 {sha[:12]}.. size {size}, expected "
+                f"{expected['sha256'][:12]}.. size {expected['size']}): the object was modified or damaged after "
+                "publishing; delete its prefix and re-run the stage that wrote it"
+            )
 
     def read_manifest(self, prefix: str) -> dict | None:
         """The manifest of a published prefix, or None when it is not (yet) published."""
@@ -432,18 +585,19 @@ class ArtifactStore:
                 "Start it with `adaptflow stack up` or set AWS_ENDPOINT_URL_S3 to a reachable endpoint."
             )
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return StoreError(
+            return AccessDeniedError(
                 f"no S3 credentials for {where} at {endpoint}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                "(or run `adaptflow stack up`, which records local credentials)."
+                "(or run `adaptflow stack up`, which records local credentials).", status=401
             )
         if isinstance(exc, ReadTimeoutError):
-            return StoreError(f"{op} {where} timed out at {endpoint}: the S3 server is overloaded or stuck.")
+            return StoreError(f"{op} {where} timed out at {endpoint}: the S3 server is overloaded or stuck.",
+                              status=504)
         if not isinstance(exc, ClientError):
             return StoreError(f"{op} {where} failed at {endpoint}: {exc}")
         code, status = _code(exc), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = exc.response.get("Error", {}).get("Message", "")
         if code == "NoSuchBucket" or (code in _NOT_FOUND_CODES and not self._bucket_exists_quietly()):
-            return StoreError(
+            return BucketNotFoundError(
                 f"bucket {self.bucket!r} does not exist at {endpoint} ({op} {where}): create it "
                 "(`adaptflow stack up` creates the default one) or set ADAPTFLOW_BUCKET to an existing bucket."
             )
@@ -452,16 +606,16 @@ class ArtifactStore:
         if code in _CONFLICT_CODES or status == 412:
             return ConflictError(f"{where} already exists at {endpoint}: the conditional write was refused")
         if code in _AUTH_CODES or status == 403:
-            return StoreError(
+            return AccessDeniedError(
                 f"access denied ({code}) for {op} {where} at {endpoint}: check AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, and that this identity may use the bucket."
             )
         if code == "InvalidBucketName":
             return StoreError(
                 f"invalid bucket name {self.bucket!r}: use 3-63 lowercase letters, digits, '-' and '.' "
-                "(set ADAPTFLOW_BUCKET)."
+                "(set ADAPTFLOW_BUCKET).", status=400
             )
-        return StoreError(f"{op} {where} failed at {endpoint}: {code or status} {message}".rstrip())
+        return StoreError(f"{op} {where} failed at {endpoint}: {code or status} {message}".rstrip(), status=status)
 
     def _bucket_exists_quietly(self) -> bool:
         # HEAD answers a bare 404 for both a missing key and a missing bucket: ask the bucket to tell them apart.

@@ -11,6 +11,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
+from adaptflow.cli.models import app as models_app, promote, rollback  # noqa: E402
 from adaptflow.cli.predict import predict  # noqa: E402
 from adaptflow.cli.retrain import retrain  # noqa: E402
 from adaptflow.cli.stack import app as stack_app  # noqa: E402
@@ -25,8 +26,11 @@ app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack", help="Start, inspect and stop the local S3 / MLflow / Prefect stack.")
 app.add_typer(encoder_app, name="encoder", help="Store encoder snapshots in S3.")
+app.add_typer(models_app, name="models", help="Registered models: versions, decisions, alias history.")
 app.command()(retrain)
 app.command()(predict)
+app.command()(promote)
+app.command()(rollback)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from adaptflow.cli.errors import fail
+from adaptflow.cli.errors import fail, quiet_console_tracebacks
 
 
 def _point_env_at_services(state_dir: Optional[Path]) -> None:
@@ -46,6 +46,7 @@ def retrain(
         _point_env_at_services(state_dir)
         from flows.retrain import retrain as retrain_flow
 
+        quiet_console_tracebacks()  # the paragraph below says what failed; the Prefect UI keeps the traceback
         summary = retrain_flow(run_config)
     except Exception as exc:  # noqa: BLE001 — every failure ends as one readable paragraph
         raise fail(exc, what=f"retrain {config}") from None
