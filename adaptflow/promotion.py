@@ -51,7 +51,8 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
         encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=tags["adaptflow.encoder_ref"],
                           pooling=tags["adaptflow.pooling"], dtype=tags["adaptflow.dtype"], device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        head_path = ctx.store.get_file(parse_s3_uri(tags["adaptflow.head_uri"])[1], Path(tmp) / "head.safetensors")
+        bucket, key = parse_s3_uri(tags["adaptflow.head_uri"])  # the version may come from another bucket
+        head_path = ctx.store.with_bucket(bucket).get_file(key, Path(tmp) / "head.safetensors")
         head, labels = load_head(head_path)
     proba = predict_proba(head, cache.read(hashes))
     return [labels[i] for i in proba.argmax(axis=1)]

@@ -452,8 +452,13 @@ def up(
         raise StackError(f"unknown services {sorted(unknown)}; choose from {', '.join(SERVICES)}")
     wanted = [s for s in SERVICES if s in services or (s == "s3" and "mlflow" in services)]
     state_dir = Path(state_dir).resolve()  # the services get absolute paths, whatever their cwd
-    for sub in ("logs/weed", "s3", "mlflow", "prefect"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    # private (0700): it holds the credentials, the services' data, and logs where SeaweedFS names the access key id
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for sub in ("logs", "logs/weed", "s3", "mlflow", "prefect"):
+        (state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    for private in (state_dir, state_dir / "logs"):
+        if private.stat().st_mode & 0o077:
+            os.chmod(private, 0o700)
     with _locked(state_dir):
         return _up(state_dir, wanted, ports or {}, bucket, time.monotonic() + timeout, log)
 

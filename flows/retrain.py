@@ -28,9 +28,9 @@ def retrain(config: RunConfig) -> dict:
     Returns:
         The run summary: model version and aliases, metrics, row counts, cache hits, seconds per stage.
     """
-    encoder = resolve_encoder(config)
-    snapshot = ingest_data(config)
+    snapshot = ingest_data(config)  # data first: bad data fails in seconds, before any model is loaded
     validated = validate_data(config, snapshot)
+    encoder = resolve_encoder(config)
     tokens = tokenize_texts(config, validated, encoder)
     gpu_deployment = config.orchestration.gpu_deployment or os.environ.get("ADAPTFLOW_GPU_DEPLOYMENT")
     if gpu_deployment:  # the heavy part runs on the gpu pool's worker

@@ -428,11 +428,16 @@ def run_cli(args, env, cwd, timeout=300):
 
 
 @pytest.fixture
-def cli_env(test_settings, fresh_bucket, tmp_path) -> dict:
+def cli_env(test_settings, fresh_bucket, tmp_path, prefect_harness) -> dict:
+    """The CLI's environment: the session's services, and the harness's Prefect API (an ephemeral Prefect server
+    per CLI call would add ~10-20 s each; tests/test_cli.py covers that path)."""
+    from prefect.settings import PREFECT_API_URL
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_", "ADAPTFLOW_"))}
     env.update(test_settings.process_env())
     env.update({"ADAPTFLOW_BUCKET": fresh_bucket, "ADAPTFLOW_STATE_DIR": str(tmp_path / "no-stack"),
-                "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"})
+                "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1",
+                "PREFECT_API_URL": PREFECT_API_URL.value()})
     return env
 
 

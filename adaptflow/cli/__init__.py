@@ -10,6 +10,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from adaptflow.cli.deploy import deploy, worker  # noqa: E402
 from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
 from adaptflow.cli.models import app as models_app, promote, rollback  # noqa: E402
 from adaptflow.cli.predict import predict  # noqa: E402
@@ -31,6 +32,8 @@ app.command()(retrain)
 app.command()(predict)
 app.command()(promote)
 app.command()(rollback)
+app.command()(deploy)
+app.command()(worker)
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ import typer
 
 from adaptflow.cli.errors import fail, quiet_console_tracebacks
 
+# No telemetry from the ephemeral Prefect server a run without PREFECT_API_URL starts: offline it only fails,
+# and its failure lands on the console as a traceback (SQLite "database is locked", unknown host).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 
 def _point_env_at_services(state_dir: Optional[Path]) -> None:
     """Export the stack's (or the user's) endpoints before Prefect and MLflow read their env at import."""

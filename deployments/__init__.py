@@ -1,0 +1,1 @@
+"""Prefect deployments of the retraining flows (pools, schedules, concurrency)."""

@@ -1,0 +1,77 @@
+"""Register work pools, the ``gpu`` concurrency limit and the retraining deployments on a Prefect server.
+
+- ``retrain-from-config/retrain-nightly``: cron-scheduled, pool ``cpu``, concurrency limit 1 (a second
+  scheduled run waits in the queue rather than racing the first).
+- ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
+- ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
+  ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable), holding one slot of the global limit ``gpu`` while
+  embedding.
+
+Run it with ``adaptflow deploy`` (or ``python -m deployments.deploy``). Credentials are never deployment
+parameters: workers take them from their own environment (``adaptflow worker`` exports them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.exceptions import ObjectNotFound
+
+from flows.retrain import retrain_from_config
+from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+POOLS = {"cpu": "ingest, validate, tokenize, evaluate, register, gate", "gpu": "embed + fit head"}
+GPU_DEPLOYMENT = f"{GPU_FLOW}/gpu"
+NIGHTLY_CRON = "0 2 * * *"
+
+
+def ensure_pools(pool_type: str = "process") -> None:
+    """Create the ``cpu`` and ``gpu`` work pools and the ``gpu`` global concurrency limit when missing."""
+    with get_client(sync_client=True) as client:
+        for name, role in POOLS.items():
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, description=f"adaptflow: {role}"))
+        try:
+            client.read_global_concurrency_limit_by_name("gpu")
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
+
+
+def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", source: Path = PROJECT_ROOT,
+           pool_type: str = "process", gpu: bool = True) -> list[str]:
+    """Create or update the three deployments; returns their ``FLOW/NAME`` names.
+
+    Args:
+        config_uri: the YAML config the scheduled runs use (a local path the workers can read, or s3://).
+        source: where workers load the flow code from (this checkout by default).
+        gpu: route embed + fit head through the ``gpu`` pool; False runs them inline on the cpu worker.
+    """
+    ensure_pools(pool_type)
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT}} if gpu else {}
+    parent = retrain_from_config.from_source(source=str(source), entrypoint="flows/retrain.py:retrain_from_config")
+    parent.deploy(name="retrain-nightly", work_pool_name="cpu", cron=cron, parameters={"config_uri": config_uri},
+                  concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
+                  description="Nightly retrain → gate → promote", tags=["adaptflow", "nightly"])
+    parent.deploy(name="retrain-on-demand", work_pool_name="cpu", parameters={"config_uri": config_uri},
+                  concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
+                  description="Retrain on request (same flow, no schedule)", tags=["adaptflow"])
+    names = ["retrain-from-config/retrain-nightly", "retrain-from-config/retrain-on-demand"]
+    if gpu:
+        child = embed_and_train.from_source(source=str(source), entrypoint="flows/train_gpu.py:embed_and_train")
+        child.deploy(name="gpu", work_pool_name="gpu", print_next_steps=False,
+                     description="Embed (frozen encoder) + fit head on the GPU pool", tags=["adaptflow", "gpu"])
+        names.append(GPU_DEPLOYMENT)
+    return names
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("\n".join(deploy(sys.argv[1] if len(sys.argv) > 1 else "examples/rotten_tomatoes.yaml")))

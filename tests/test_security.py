@@ -1,0 +1,313 @@
+"""Security: credentials stay secret, the store demands signatures, weights never execute code, digests are
+checked after every download.
+
+- A real run (flow under the Prefect harness, tiny encoder) is grepped for the S3 keys: console output, the
+  Prefect flow-run parameters, artifacts and logs, the MLflow run's params/tags/artifacts and the model
+  version's tags, and the service logs of the stack.
+- The generated credentials file is 0600; SeaweedFS refuses unsigned requests.
+- Weights load from safetensors only: a booby-trapped pickle next to (or instead of) them is never unpickled,
+  remote code named by ``auto_map`` is never imported, and the code base passes an AST audit
+  (``trust_remote_code`` never true, ``torch.load`` only with ``weights_only=True``, no pickle loaders).
+- Encoder snapshots, published stage outputs and S3 data files are verified after download.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import pickle
+import shutil
+import stat
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from adaptflow import stack
+from adaptflow.config import build_config
+from adaptflow.encoders import EncoderError, load_encoder, push_encoder, resolve_encoder, snapshot_files
+from adaptflow.store import ArtifactStore, IntegrityError, StoreError
+from tests.fixtures.faults import scan_bucket
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("adaptflow", "tasks", "flows")
+
+
+# ---------------------------------------------------------------------------------------------- credentials
+
+
+@pytest.fixture
+def store(test_settings, fresh_bucket) -> ArtifactStore:
+    return ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
+
+
+def test_generated_credentials_file_is_0600_and_stays_so(stack_services):
+    path = Path(stack_services["state_dir"]) / "credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.chmod(path, 0o644)  # someone loosened it: the next read tightens it again
+    try:
+        assert stack.credentials(stack_services["state_dir"])["aws_secret_access_key"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.chmod(path, 0o600)
+
+
+def test_s3_server_rejects_unsigned_requests(test_settings, store):
+    store.ensure_bucket()
+    store.put_bytes("private.txt", b"secret data")
+    for method, data in (("GET", None), ("PUT", b"overwritten"), ("DELETE", None)):
+        request = urllib.request.Request(f"{test_settings.s3_endpoint_url}/{store.bucket}/private.txt",
+                                         data=data, method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403, method
+    listing = urllib.request.Request(f"{test_settings.s3_endpoint_url}/{store.bucket}?list-type=2")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(listing, timeout=10)
+    assert refused.value.code == 403
+    anonymous = ArtifactStore(store.bucket, endpoint_url=test_settings.s3_endpoint_url, anonymous=True)
+    with pytest.raises(StoreError, match="access denied"):
+        anonymous.get_bytes("private.txt")
+    assert store.get_bytes("private.txt") == b"secret data"
+
+
+@pytest.fixture
+def flow_env(services_env, fresh_bucket, monkeypatch, prefect_harness, test_settings) -> ArtifactStore:
+    monkeypatch.setenv("ADAPTFLOW_BUCKET", fresh_bucket)
+    return ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
+
+
+async def _prefect_records(flow_run_id) -> list[str]:
+    """Everything Prefect stored about a flow run and its tasks: parameters, artifacts, logs."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs()  # the parent and its subflow
+        texts = [json.dumps(run.parameters, default=str) for run in runs]
+        texts += [json.dumps(run.model_dump(mode="json"), default=str) for run in runs]
+        for artifact in await client.read_artifacts():
+            texts.append(json.dumps(artifact.model_dump(mode="json"), default=str))
+        ids = [run.id for run in runs]
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        texts += [log.message for log in logs]
+        assert any(str(flow_run_id) == str(i) for i in ids)
+        assert logs, "no Prefect logs stored: the grep would prove nothing"
+    return texts
+
+
+def _mlflow_records(settings, model_name: str, tmp_path: Path) -> list[str]:
+    """The registered model's and its version's tags, the run's params, tags and every artifact file."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    texts = [json.dumps(client.get_registered_model(model_name).tags)]
+    for version in client.search_model_versions(f"name = '{model_name}'"):
+        texts.append(json.dumps(version.tags))
+        run = client.get_run(version.run_id)
+        texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+        local = Path(download_artifacts(run_id=version.run_id, dst_path=str(tmp_path / version.run_id),
+                                        tracking_uri=settings.mlflow_tracking_uri))
+        files = [p for p in local.rglob("*") if p.is_file()]
+        assert files, "no run artifacts downloaded: the grep would prove nothing"
+        texts += [p.read_bytes().decode("utf-8", errors="replace") for p in files]
+    return texts
+
+
+def test_credentials_never_reach_logs_prefect_or_mlflow(flow_env, tmp_path, tiny_encoder_path, test_settings,
+                                                        stack_services, capfd):
+    from flows.retrain import retrain
+
+    frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(60)],
+                          "label": ["pos" if i % 2 else "neg" for i in range(60)]})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    config = build_config({"name": "security-grep", "data": {"train": str(tmp_path / "train.csv")},
+                           "encoder": {"ref": str(tiny_encoder_path), "max_length": 16},
+                           "gate": {"smoke_test": False}})
+    summary = retrain(config)
+    run_id = summary["run_id"]
+    from mlflow import MlflowClient
+
+    flow_run_id = MlflowClient(test_settings.mlflow_tracking_uri).get_run(run_id).data.tags["adaptflow.flow_run_id"]
+    captured = capfd.readouterr()
+    texts = [captured.out, captured.err, json.dumps(summary, default=str)]
+    texts += asyncio.run(_prefect_records(flow_run_id))
+    texts += _mlflow_records(test_settings, "security-grep", tmp_path)
+    logs = Path(stack_services["state_dir"]) / "logs"
+    service_logs = [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file()]
+    assert service_logs
+
+    def leaks(value: str, where: list[str]) -> list[str]:
+        assert value and len(value) >= 16
+        return [t[max(0, t.index(value) - 200): t.index(value) + 50] for t in where if value in t]
+
+    # the secret key: nowhere at all, the services' own logs included
+    assert not leaks(test_settings.secret_key, texts + service_logs)
+    # the access key id (an identifier, not a secret): not in anything adaptflow, Prefect or MLflow keep. SeaweedFS
+    # logs it at start ("Added admin identity ... accessKey=..."), so its logs live in the private (0700) state dir
+    assert not leaks(test_settings.aws_access_key_id, texts), "the S3 access key id leaked"
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o700 and not Path(stack_services["state_dir"]).stat().st_mode & 0o077
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+class _Trap:
+    """Unpickling this creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def tiny_copy(tiny_encoder_path, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_encoder_path, tmp_path / "tiny"))
+
+
+def test_pickle_weights_are_never_unpickled(tiny_copy, tmp_path):
+    marker = tmp_path / "pickle-was-executed"
+    with open(tiny_copy / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"weights": _Trap(marker)}, f)
+    _, model = load_encoder(resolve_encoder(tiny_copy))  # safetensors is there: the .bin is ignored
+    assert model is not None and not marker.exists()
+    assert "pytorch_model.bin" not in snapshot_files(tiny_copy)  # neither hashed nor pushed
+
+    (tiny_copy / "model.safetensors").unlink()  # only the pickle left: refused, not loaded
+    with pytest.raises(EncoderError, match="pickle weights are refused"):
+        load_encoder(resolve_encoder(tiny_copy))
+    assert not marker.exists()
+
+
+def test_remote_code_named_by_the_config_is_never_imported(tiny_copy, tmp_path):
+    marker = tmp_path / "remote-code-was-executed"
+    (tiny_copy / "modeling_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import BertModel\nclass EvilModel(BertModel):\n    pass\n")
+    config = json.loads((tiny_copy / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
+    (tiny_copy / "config.json").write_text(json.dumps(config))
+    try:
+        _, model = load_encoder(resolve_encoder(tiny_copy))
+        assert type(model).__name__ == "BertModel"
+    except EncoderError as refused:  # refusing is fine too; running the file is not
+        assert "trust_remote_code" in str(refused) or "modeling_evil" in str(refused)
+    assert not marker.exists()
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            owner = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
+            yield node, owner, name, {k.arg: k.value for k in node.keywords if k.arg}
+
+
+def _is_const(node, value) -> bool:
+    return isinstance(node, ast.Constant) and node.value is value
+
+
+def test_code_never_loads_untrusted_code_or_pickles():
+    """AST audit of adaptflow/, tasks/, flows/: every model load is safetensors-only and remote code stays off."""
+    problems, model_loads = [], 0
+    for folder in CODE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node, owner, name, kwargs in _calls(tree):
+                where = f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:100]}"
+                if "trust_remote_code" in kwargs and not _is_const(kwargs["trust_remote_code"], False):
+                    problems.append(f"trust_remote_code not False: {where}")
+                if name == "from_pretrained" and "Tokenizer" not in owner and "Config" not in owner:
+                    model_loads += 1
+                    if not _is_const(kwargs.get("use_safetensors"), True):
+                        problems.append(f"model load without use_safetensors=True: {where}")
+                    if not _is_const(kwargs.get("trust_remote_code"), False):
+                        problems.append(f"model load without an explicit trust_remote_code=False: {where}")
+                if name == "load" and owner in ("torch",) and not _is_const(kwargs.get("weights_only"), True):
+                    problems.append(f"torch.load without weights_only=True: {where}")
+                if name in ("load", "loads", "Unpickler") and owner in ("pickle", "cloudpickle", "dill", "joblib"):
+                    problems.append(f"pickle loader: {where}")
+                if name == "load" and owner in ("np", "numpy") and not _is_const(kwargs.get("allow_pickle", ast.Constant(False)), False):
+                    problems.append(f"numpy load with pickles: {where}")
+                if name == "load" and owner == "yaml":
+                    problems.append(f"yaml.load (use yaml.safe_load): {where}")
+                if name in ("eval", "exec") and not owner:
+                    problems.append(f"{name}(): {where}")
+    assert model_loads >= 1, "found no model loads: the audit needs updating"
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- digests
+
+
+def test_encoder_snapshot_is_verified_after_download(tiny_encoder_path, store, tmp_path):
+    s3_ref, digest = push_encoder(tiny_encoder_path, "tiny", store)
+    resolved = resolve_encoder(s3_ref, store=store, cache_dir=tmp_path / "cache")
+    assert resolved.digest == digest
+    prefix = s3_ref.split(f"{store.bucket}/", 1)[1]
+    store.put_bytes(f"{prefix}/vocab.txt", b"[PAD]\n[UNK]\n")  # tampered after publishing
+    with pytest.raises(EncoderError, match="vocab.txt does not match its manifest"):
+        resolve_encoder(s3_ref, store=store, cache_dir=tmp_path / "fresh-cache")
+    assert scan_bucket(store) == [f"{store.uri(prefix)}/vocab.txt: size 12 != "
+                                  f"{(tiny_encoder_path / 'vocab.txt').stat().st_size} in the manifest"]
+
+
+def test_published_objects_are_verified_after_download(store, tmp_path):
+    store.ensure_bucket()
+    store.publish("heads/abc", {"head.safetensors": b"weights", "history.json": b"[]"})
+    assert store.get_verified_bytes("heads/abc/head.safetensors") == b"weights"
+    assert store.get_verified_file("heads/abc/head.safetensors", tmp_path / "h").read_bytes() == b"weights"
+    store.put_bytes("heads/abc/head.safetensors", b"WEIGHTS")  # same size, other bytes
+    fresh = ArtifactStore(store.bucket, endpoint_url=store.endpoint_url, client=store.client)
+    with pytest.raises(IntegrityError, match="head.safetensors does not match its manifest"):
+        fresh.get_verified_bytes("heads/abc/head.safetensors")
+    with pytest.raises(IntegrityError):
+        fresh.get_verified_file("heads/abc/head.safetensors", tmp_path / "h2")
+    assert not (tmp_path / "h2").exists()
+    store.put_bytes("heads/unpublished/head.safetensors", b"x")
+    with pytest.raises(StoreError, match="not part of a published prefix"):
+        fresh.get_verified_bytes("heads/unpublished/head.safetensors")
+
+
+def test_s3_data_download_is_checked_against_its_etag(store, tmp_path, monkeypatch):
+    from adaptflow.data import read_table
+
+    store.ensure_bucket()
+    store.put_bytes("incoming/train.csv", b"text,label\nhi,pos\nho,neg\n")
+    assert len(read_table(store.uri("incoming/train.csv"), store=store)) == 2
+    real = store.client.download_file
+
+    def damaged(bucket, key, filename, **kwargs):  # a transfer that delivers other bytes of the same size
+        real(bucket, key, filename, **kwargs)
+        Path(filename).write_bytes(Path(filename).read_bytes().replace(b"pos", b"neg"))
+
+    monkeypatch.setattr(store.client, "download_file", damaged)
+    with pytest.raises(IntegrityError, match="incoming/train.csv: downloaded bytes have MD5"):
+        read_table(store.uri("incoming/train.csv"), store=store)
+
+
+def test_stages_verify_what_they_read_back(flow_env, tmp_path, tiny_encoder_path, test_settings):
+    """A published stage output modified behind its manifest is refused by the next stage, not trained on."""
+    from adaptflow.data import read_parquet_bytes, to_parquet_bytes
+    from adaptflow.stages import StageContext, ingest_stage, validate_stage
+
+    frame = pd.DataFrame({"text": [f"film {i}" for i in range(20)], "label": ["a", "b"] * 10})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    config = build_config({"name": "verify", "data": {"train": str(tmp_path / "train.csv")}})
+    settings = test_settings.model_copy(update={"bucket": flow_env.bucket})
+    ctx = StageContext(settings, ArtifactStore.from_settings(settings))
+    snapshot = ingest_stage(ctx, config)
+    key = snapshot["train"].split("/", 3)[3]
+    flipped = read_parquet_bytes(ctx.store.get_bytes(key))
+    flipped["label"] = flipped["label"].map({"a": "b", "b": "a"})
+    ctx.store.put_bytes(key, to_parquet_bytes(flipped))  # relabelled behind the manifest's back
+    with pytest.raises(IntegrityError, match="train.parquet does not match its manifest"):
+        validate_stage(StageContext(settings, ArtifactStore.from_settings(settings)), config, snapshot)
