@@ -1,23 +1,19 @@
 """Data tasks: ingest a snapshot, validate it (quarantine report as a Prefect table artifact)."""
 
-from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from adaptflow.config import RunConfig
 from adaptflow.stages import ingest_stage, validate_stage
-from tasks.policy import RETRY_DELAYS, is_transient, run_stage
+from tasks.policy import run_stage, stage_task
 
 
-@task(name="ingest_data", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("ingest_data")
 def ingest_data(config: RunConfig) -> dict:
     """Read, normalise, split and snapshot the labelled rows; returns the snapshot's URIs and digest."""
     return run_stage(ingest_stage, config)
 
 
-@task(name="validate_data", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("validate_data")
 def validate_data(config: RunConfig, snapshot: dict) -> dict:
     """Apply the validation rules; bad rows are quarantined with a reason, counted in an artifact."""
     result = run_stage(validate_stage, config, snapshot)

@@ -12,31 +12,28 @@ from adaptflow.stages import (
     tokenize_stage,
     write_handover,
 )
-from tasks.policy import RETRY_DELAYS, is_transient, run_stage
+from tasks.policy import run_stage, stage_task
 
 
-@task(name="resolve_encoder", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("resolve_encoder")
 def resolve_encoder(config: RunConfig) -> dict:
     """Resolve the encoder reference to a verified local snapshot and its digest."""
     return run_stage(resolve_encoder_stage, config)
 
 
-@task(name="tokenize_texts", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("tokenize_texts")
 def tokenize_texts(config: RunConfig, validated: dict, encoder: dict) -> dict:
     """Tokenize every distinct text (truncated, unpadded) and store the ids."""
     return run_stage(tokenize_stage, config, validated, encoder)
 
 
-@task(name="embed_texts", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("embed_texts")
 def embed_texts(config: RunConfig, tokens: dict, encoder: dict) -> dict:
     """Encode the rows the embedding cache lacks; a retry resumes from the shards already stored."""
     return run_stage(embed_stage, config, tokens, encoder)
 
 
-@task(name="hand_over", retries=3, retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
+@stage_task("hand_over")
 def hand_over(parent_run_id: str, name: str, result: dict) -> str:
     """Leave a child flow's result in the store for its parent run."""
     return write_handover(StageContext.from_env(), parent_run_id, name, result)

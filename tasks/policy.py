@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from adaptflow.stages import StageContext
 
 # Backoff for transient faults (a restarting S3 or MLflow server comes back within seconds).
@@ -28,3 +31,10 @@ def run_stage(stage: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
     started = time.perf_counter()
     result = stage(StageContext.from_env(), *args, **kwargs)
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def stage_task(name: str):
+    """The decorator every stage task wears: transient faults retried with backoff, no Prefect result caching
+    (each stage's own content keys make a re-run a lookup, with no stale hits)."""
+    return task(name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+                retry_condition_fn=is_transient, cache_policy=NO_CACHE)

@@ -1,16 +1,13 @@
 """Gate task: champion vs challenger, the decision as a Prefect artifact, ``champion`` moved on promote."""
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from adaptflow.config import RunConfig
 from adaptflow.promotion import gate_markdown, gate_stage
-from tasks.policy import RETRY_DELAYS, is_transient, run_stage
+from tasks.policy import run_stage, stage_task
 
 
-@task(name="gate_model", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("gate_model")
 def gate_model(config: RunConfig, validated: dict, registered: dict) -> dict:
     """Decide promote / reject / hold; only promote moves the champion alias."""
     result = run_stage(gate_stage, config, validated=validated, registered=registered)

@@ -1,23 +1,19 @@
 """Training tasks: fit the head, evaluate it (report as a Prefect markdown artifact)."""
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from adaptflow.config import RunConfig
 from adaptflow.stages import evaluate_stage, train_stage
-from tasks.policy import RETRY_DELAYS, is_transient, run_stage
+from tasks.policy import run_stage, stage_task
 
 
-@task(name="fit_head", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("fit_head")
 def fit_head(config: RunConfig, validated: dict, encoder: dict, embedded: dict) -> dict:
     """Train the classifier head on the cached embeddings."""
     return run_stage(train_stage, config, validated, encoder, embedded)
 
 
-@task(name="evaluate_head", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+@stage_task("evaluate_head")
 def evaluate_head(config: RunConfig, validated: dict, encoder: dict, embedded: dict, head: dict) -> dict:
     """Score the head on the test rows and publish the evaluation report."""
     result = run_stage(evaluate_stage, config, validated, encoder, embedded, head)
