@@ -238,10 +238,26 @@ class ArtifactStore:
         """Delete ``key`` (no error when it is already gone)."""
         self._call("DELETE", key, self.client.delete_object, Bucket=self.bucket, Key=key)
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
-        """Write ``data`` at ``key``; with ``if_none_match`` raise ConflictError when ``key`` already exists."""
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Write ``data`` at ``key``; returns the new ETag.
+
+        Args:
+            if_none_match: only if ``key`` does not exist yet (else ConflictError).
+            if_match: only if ``key`` still has this ETag (compare-and-swap; else ConflictError).
+        """
         extra = {"IfNoneMatch": "*"} if if_none_match else {}
-        self._call("PUT", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        resp = self._call("PUT", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
+        return str(resp.get("ETag", ""))
+
+    def get_bytes_and_etag(self, key: str) -> tuple[bytes, str]:
+        """The content of ``key`` and its ETag, for a later ``put_bytes(..., if_match=etag)``."""
+        resp = self._call("GET", key, self.client.get_object, Bucket=self.bucket, Key=key)
+        try:
+            return resp["Body"].read(), str(resp.get("ETag", ""))
+        except BotoCoreError as exc:
+            raise self._error(exc, key, "GET") from None
 
     def get_bytes(self, key: str) -> bytes:
         """The content of ``key`` (NotFoundError when absent)."""
