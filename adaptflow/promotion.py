@@ -52,7 +52,7 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
                           pooling=tags["adaptflow.pooling"], dtype=tags["adaptflow.dtype"], device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         bucket, key = parse_s3_uri(tags["adaptflow.head_uri"])  # the version may come from another bucket
-        head_path = ctx.store.with_bucket(bucket).get_file(key, Path(tmp) / "head.safetensors")
+        head_path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors")
         head, labels = load_head(head_path)
     proba = predict_proba(head, cache.read(hashes))
     return [labels[i] for i in proba.argmax(axis=1)]

@@ -120,7 +120,9 @@ def log_and_register(
     previous = find_run(client, experiment, flow_run_id)
     if previous is not None:
         existing = version_of_run(client, model_name, previous.info.run_id)
-        if existing is not None:
+        if existing is not None:  # an earlier attempt registered it, then lost the answer (e.g. MLflow restarted)
+            if previous.info.status != "FINISHED":  # its `with start_run` ended with the failure: close it now
+                client.set_terminated(previous.info.run_id, "FINISHED")
             return _finish(client, model_name, previous.info.run_id, existing.version, existing.source)
 
     run_id = previous.info.run_id if previous else None

@@ -31,6 +31,7 @@ class ModelSpec:
     pooling: str
     dtype: str
     labels: list[str]
+    head_sha256: str | None = None  # recorded at registration; a head file changed afterwards is refused
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -58,7 +59,12 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
         from adaptflow.encoders import EncoderError, load_encoder, resolve_encoder
         from adaptflow.heads import load_head
 
+        from adaptflow.store import sha256_file
+
         self.spec = ModelSpec.from_json(Path(context.artifacts["model_spec"]).read_text())
+        if self.spec.head_sha256 and sha256_file(Path(context.artifacts["head"]))[0] != self.spec.head_sha256:
+            raise ValueError(f"head {context.artifacts['head']} changed after registration (sha256 differs from "
+                             f"the recorded {self.spec.head_sha256[:16]}…); re-register the model")
         self.head, self.labels = load_head(context.artifacts["head"])
         store = None
         if self.spec.encoder_ref.startswith("s3://"):

@@ -68,7 +68,7 @@ def _read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
     from adaptflow.data import read_parquet_bytes
     from adaptflow.store import parse_s3_uri
 
-    return read_parquet_bytes(ctx.store.get_bytes(parse_s3_uri(uri)[1]))
+    return read_parquet_bytes(ctx.store.get_verified_bytes(parse_s3_uri(uri)[1]))  # checked against its manifest
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -273,7 +273,7 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
         labels = validated["labels"]
         X, y, _ = _arrays(ctx, config, encoder, embedded, validated["test"], labels)
         with tempfile.TemporaryDirectory() as tmp:
-            path = ctx.store.get_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
+            path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
             model, _ = load_head(path)
         metrics = compute_metrics(y, predict_proba(model, X), labels)
         figure = confusion_matrix_figure(metrics["confusion"], labels)
@@ -299,13 +299,13 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     from adaptflow.encoders import push_encoder
     from adaptflow.registry import DatasetInput, RunRecord, log_and_register
     from adaptflow.serving import ModelSpec
-    from adaptflow.store import parse_s3_uri
+    from adaptflow.store import parse_s3_uri, sha256_file
 
     encoder_ref = encoder["ref"]
     if encoder["source"] == "path":  # a local folder is not portable: serve from a content-addressed S3 copy
         encoder_ref, _ = push_encoder(encoder["ref"], config.name, ctx.store)
-    spec = ModelSpec(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
-                     pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
+    spec_fields = dict(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
+                       pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
     train, test = _read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
     tags = {"adaptflow.data_digest": validated["digest"], "adaptflow.encoder_ref": encoder_ref,
@@ -316,10 +316,11 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):
-            ctx.store.get_file(f"{parse_s3_uri(evaluation['evaluation'])[1]}/{name}", artifacts / "evaluation" / name)
-        ctx.store.get_file(parse_s3_uri(validated["quarantine"])[1], artifacts / "validation" / "quarantine.parquet")
+            ctx.store.get_verified_file(f"{parse_s3_uri(evaluation['evaluation'])[1]}/{name}", artifacts / "evaluation" / name)
+        ctx.store.get_verified_file(parse_s3_uri(validated["quarantine"])[1], artifacts / "validation" / "quarantine.parquet")
         (artifacts / "validation" / "report.json").write_text(json.dumps(validated["report"], indent=2, default=str))
-        head_path = ctx.store.get_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head" / "head.safetensors")
+        head_path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head" / "head.safetensors")
+        spec = ModelSpec(**spec_fields, head_sha256=sha256_file(head_path)[0])  # the pyfunc re-checks it at load
         record = RunRecord(
             params=params,
             metrics={**evaluation["metrics"], "rows_train": len(train), "rows_test": len(test),

@@ -110,7 +110,8 @@ FAILING_FILES = {
         "mostly_bad.csv", csv_text(clean_rows(10) + [("", "pos")] * 12), {"max_quarantine_fraction": 0.5},
         ["12 of 22 rows (54.5%) were quarantined", "above max_quarantine_fraction=0.5"]),
     "non-UTF-8 bytes (fails naming the line)": (
-        "latin1.csv", b"\n".join(CLEAN.encode().split(b"\n")[:2] + [b"caf\xe9 cr\xe8me,pos"] + CLEAN.encode().split(b"\n")[2:]), {},
+        "latin1.csv", b"\n".join(CLEAN.encode().split(b"\n")[:2] + [b"caf\xe9 cr\xe8me,pos"]  # cp1252 on line 3
+                                 + CLEAN.encode().split(b"\n")[2:]), {},
         ["not valid UTF-8 at line(s) 3", "iconv -f cp1252 -t utf-8"]),
     "malformed JSONL line (fails naming the line)": (
         "rows.jsonl", "\n".join(json.dumps({"text": t, "label": y}) for t, y in clean_rows(6))
@@ -138,7 +139,8 @@ PARQUET_CASES = {
     "numbers as texts": (pd.DataFrame({"text": list(range(10)), "label": ["a", "b"] * 5}),
                          ["text column 'text' holds int64 values", "Set text_column"]),
     "lists as labels": (pd.DataFrame({"text": [f"t{i}" for i in range(6)], "label": [["a"], ["b"]] * 3}),
-                        ["label column 'label' holds list values at rows 1, 2, 3, 4, 5", "expected strings or integers"]),
+                        ["label column 'label' holds list values at rows 1, 2, 3, 4, 5",
+                         "expected strings or integers"]),
     "scores as labels": (pd.DataFrame({"text": [f"t{i}" for i in range(6)], "label": [0.5, 1.0] * 3}),
                          ["label column 'label' holds non-integer number values at rows 1, 3, 5"]),
 }
@@ -387,7 +389,8 @@ def flow_env(services_env, fresh_bucket, monkeypatch, prefect_harness, test_sett
 def registered_versions(settings, name: str) -> list:
     from mlflow import MlflowClient
 
-    return MlflowClient(settings.mlflow_tracking_uri).search_model_versions(f"name = '{name}'")
+    uri = settings.mlflow_tracking_uri  # registry_uri too: mlflow's process-wide one may point elsewhere
+    return MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{name}'")
 
 
 def test_flow_succeeds_on_messy_and_awkward_data(flow_env, tmp_path, tiny_encoder_path, test_settings):
@@ -442,8 +445,9 @@ def cli_env(test_settings, fresh_bucket, tmp_path, prefect_harness) -> dict:
 
 
 def cli_config(tmp_path: Path, train: str, encoder: Path) -> Path:
-    return _write(tmp_path / "config.yaml", f"name: bad-input-cli\ndata:\n  train: {train}\n"
-                                            f"encoder:\n  ref: {encoder}\n  max_length: 32\ngate:\n  smoke_test: false\n")
+    text = (f"name: bad-input-cli\ndata:\n  train: {train}\nencoder:\n  ref: {encoder}\n  max_length: 32\n"
+            "gate:\n  smoke_test: false\n")
+    return _write(tmp_path / "config.yaml", text)
 
 
 def assert_one_paragraph(stderr: str, *phrases: str) -> str:
@@ -462,6 +466,8 @@ def test_cli_bad_data_exits_2_with_one_paragraph_and_no_traceback(cli_env, tmp_p
     assert_one_paragraph(done.stderr, "conflict.csv", "every one of the 20 rows was quarantined",
                          "conflicting_labels=20")
     assert done.stdout.strip() == ""  # no summary line: nothing was registered
+    for secret in (test_settings.secret_key, test_settings.aws_access_key_id):
+        assert secret not in done.stderr + done.stdout
     assert registered_versions(test_settings, "bad-input-cli") == []
 
 

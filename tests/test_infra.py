@@ -25,7 +25,6 @@ import secrets
 import shutil
 import stat
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Optional
@@ -46,7 +45,10 @@ WORKER_DEPLOYMENT = INFRA / "kubernetes" / "worker-deployment.yaml"
 S3_POLICY = INFRA / "s3-worker-policy.json"
 
 REQUIRED_SERVICES = {"postgres", "seaweedfs", "create-bucket", "prefect-server", "mlflow", "worker-cpu", "worker-gpu"}
-ARTIFACT_PREFIXES = ["snapshots", "validated", "tokens", "embeddings", "heads", "evaluations", "encoders", "mlflow"]
+# runs/: a gpu subflow's hand-over to its parent; locks/: the promotion lease (compare-and-swap, never deleted)
+ARTIFACT_PREFIXES = [
+    "snapshots", "validated", "tokens", "embeddings", "heads", "evaluations", "encoders", "mlflow", "runs", "locks",
+]
 GPU_RESERVATION = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY")
 REQUIRED_REF = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}$")  # ${VAR:?message}: no default, refuse empty

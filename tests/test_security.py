@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -81,22 +82,33 @@ def flow_env(services_env, fresh_bucket, monkeypatch, prefect_harness, test_sett
     return ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
 
 
-async def _prefect_records(flow_run_id) -> list[str]:
-    """Everything Prefect stored about a flow run and its tasks: parameters, artifacts, logs."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+async def _prefect_records(flow_run_id: str) -> list[str]:
+    """Everything Prefect stored about a flow run and its subflow: parameters, artifacts, logs."""
+    from uuid import UUID
 
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    parent = UUID(flow_run_id)
     async with get_client() as client:
-        runs = await client.read_flow_runs()  # the parent and its subflow
-        texts = [json.dumps(run.parameters, default=str) for run in runs]
-        texts += [json.dumps(run.model_dump(mode="json"), default=str) for run in runs]
-        for artifact in await client.read_artifacts():
-            texts.append(json.dumps(artifact.model_dump(mode="json"), default=str))
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent])))
+        runs += await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
         ids = [run.id for run in runs]
+        assert parent in ids and len(ids) >= 2, "the run and its embed-and-train subflow"
+        texts = [json.dumps(run.model_dump(mode="json"), default=str) for run in runs]  # parameters included
+        artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+        assert artifacts, "no Prefect artifacts stored: the grep would prove nothing"
+        texts += [json.dumps(artifact.model_dump(mode="json"), default=str) for artifact in artifacts]
         logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
-        texts += [log.message for log in logs]
-        assert any(str(flow_run_id) == str(i) for i in ids)
         assert logs, "no Prefect logs stored: the grep would prove nothing"
+        texts += [log.message for log in logs]
     return texts
 
 
@@ -105,7 +117,7 @@ def _mlflow_records(settings, model_name: str, tmp_path: Path) -> list[str]:
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     texts = [json.dumps(client.get_registered_model(model_name).tags)]
     for version in client.search_model_versions(f"name = '{model_name}'"):
         texts.append(json.dumps(version.tags))
@@ -119,9 +131,79 @@ def _mlflow_records(settings, model_name: str, tmp_path: Path) -> list[str]:
     return texts
 
 
-def test_credentials_never_reach_logs_prefect_or_mlflow(flow_env, tmp_path, tiny_encoder_path, test_settings,
-                                                        stack_services, capfd):
+# S3 operation -> the IAM action AWS authorises it as
+IAM_ACTION = {"HeadObject": "s3:GetObject", "GetObject": "s3:GetObject", "PutObject": "s3:PutObject",
+              "CreateMultipartUpload": "s3:PutObject", "UploadPart": "s3:PutObject",
+              "CompleteMultipartUpload": "s3:PutObject", "AbortMultipartUpload": "s3:AbortMultipartUpload",
+              "ListObjectsV2": "s3:ListBucket", "HeadBucket": "s3:ListBucket", "DeleteObject": "s3:DeleteObject",
+              "CreateBucket": "s3:CreateBucket"}
+WORKER_POLICY = ROOT / "infra" / "s3-worker-policy.json"
+
+
+def record_s3_calls(monkeypatch) -> list[tuple[str, str, str | None]]:
+    """(operation, bucket, key or prefix) of every request any ArtifactStore of this process sends."""
+    calls: list[tuple[str, str, str | None]] = []
+    real_init = ArtifactStore.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.client.meta.events.register_first(
+            "before-parameter-build.s3", lambda model, params, **_: calls.append(
+                (model.name, params.get("Bucket"), params.get("Key", params.get("Prefix")))),
+            unique_id="adaptflow-test-audit")
+
+    monkeypatch.setattr(ArtifactStore, "__init__", init)
+    return calls
+
+
+def denied_by_policy(calls, bucket: str, policy: dict) -> list[str]:
+    """The recorded calls the worker policy (written for bucket ``adaptflow``) would refuse."""
+    from fnmatch import fnmatchcase
+
+    refused = []
+    for operation, call_bucket, key in sorted(set(calls), key=str):
+        action = IAM_ACTION.get(operation, f"s3:{operation}")
+        allowed = False
+        for statement in policy["Statement"]:
+            if action not in statement["Action"]:
+                continue
+            resources = [r.replace(":::adaptflow", f":::{bucket}") for r in statement["Resource"]]
+            if action == "s3:ListBucket":
+                prefixes = statement.get("Condition", {}).get("StringLikeIfExists", {}).get("s3:prefix")
+                allowed |= f"arn:aws:s3:::{call_bucket}" in resources and (
+                    prefixes is None or key is None or any(fnmatchcase(key, p) for p in prefixes))
+            else:
+                allowed |= any(fnmatchcase(f"arn:aws:s3:::{call_bucket}/{key}", r) for r in resources)
+        if not allowed:
+            refused.append(f"{operation} ({action}) on s3://{call_bucket}/{key or ''}")
+    return refused
+
+
+@pytest.fixture
+def console_logs(monkeypatch) -> list[str]:
+    """Every log record of this test at INFO and above, from any logger, formatted with its traceback: what a
+    console would show (hooked into Logger.callHandlers, so Prefect reconfiguring its handlers does not matter)."""
+    lines: list[str] = []
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    real = logging.Logger.callHandlers
+
+    def call_handlers(self, record):
+        if record.levelno >= logging.INFO:
+            lines.append(formatter.format(record))
+        return real(self, record)
+
+    monkeypatch.setattr(logging.Logger, "callHandlers", call_handlers)
+    return lines
+
+
+def test_a_real_run_leaks_no_credentials_and_needs_only_the_granted_s3_actions(
+        flow_env, tmp_path, tiny_encoder_path, test_settings, stack_services, console_logs, monkeypatch):
+    """One real run, two audits: no S3 key in anything it leaves behind, and every S3 request it sends is one
+    that infra/s3-worker-policy.json (the documented least privilege) grants. (The CLI's own stdout/stderr are
+    grepped in tests/test_bad_input.py.)"""
     from flows.retrain import retrain
+
+    s3_calls = record_s3_calls(monkeypatch)
 
     frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(60)],
                           "label": ["pos" if i % 2 else "neg" for i in range(60)]})
@@ -133,9 +215,10 @@ def test_credentials_never_reach_logs_prefect_or_mlflow(flow_env, tmp_path, tiny
     run_id = summary["run_id"]
     from mlflow import MlflowClient
 
-    flow_run_id = MlflowClient(test_settings.mlflow_tracking_uri).get_run(run_id).data.tags["adaptflow.flow_run_id"]
-    captured = capfd.readouterr()
-    texts = [captured.out, captured.err, json.dumps(summary, default=str)]
+    uri = test_settings.mlflow_tracking_uri
+    flow_run_id = MlflowClient(uri, registry_uri=uri).get_run(run_id).data.tags["adaptflow.flow_run_id"]
+    assert any("Finished in state Completed" in line for line in console_logs), console_logs[-5:]
+    texts = [*console_logs, json.dumps(summary, default=str)]
     texts += asyncio.run(_prefect_records(flow_run_id))
     texts += _mlflow_records(test_settings, "security-grep", tmp_path)
     logs = Path(stack_services["state_dir"]) / "logs"
@@ -152,6 +235,12 @@ def test_credentials_never_reach_logs_prefect_or_mlflow(flow_env, tmp_path, tiny
     # logs it at start ("Added admin identity ... accessKey=..."), so its logs live in the private (0700) state dir
     assert not leaks(test_settings.aws_access_key_id, texts), "the S3 access key id leaked"
     assert stat.S_IMODE(logs.stat().st_mode) == 0o700 and not Path(stack_services["state_dir"]).stat().st_mode & 0o077
+
+    # least privilege: what the worker really sent, against the policy a team is told to grant
+    assert {op for op, _, _ in s3_calls} >= {"PutObject", "GetObject", "HeadObject", "ListObjectsV2"}
+    assert {b for _, b, _ in s3_calls} == {flow_env.bucket}
+    refused = denied_by_policy(s3_calls, flow_env.bucket, json.loads(WORKER_POLICY.read_text()))
+    assert not refused, "the worker policy would refuse:\n" + "\n".join(refused)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -235,7 +324,8 @@ def test_code_never_loads_untrusted_code_or_pickles():
                     problems.append(f"torch.load without weights_only=True: {where}")
                 if name in ("load", "loads", "Unpickler") and owner in ("pickle", "cloudpickle", "dill", "joblib"):
                     problems.append(f"pickle loader: {where}")
-                if name == "load" and owner in ("np", "numpy") and not _is_const(kwargs.get("allow_pickle", ast.Constant(False)), False):
+                allow_pickle = kwargs.get("allow_pickle", ast.Constant(False))
+                if name == "load" and owner in ("np", "numpy") and not _is_const(allow_pickle, False):
                     problems.append(f"numpy load with pickles: {where}")
                 if name == "load" and owner == "yaml":
                     problems.append(f"yaml.load (use yaml.safe_load): {where}")
@@ -311,3 +401,27 @@ def test_stages_verify_what_they_read_back(flow_env, tmp_path, tiny_encoder_path
     ctx.store.put_bytes(key, to_parquet_bytes(flipped))  # relabelled behind the manifest's back
     with pytest.raises(IntegrityError, match="train.parquet does not match its manifest"):
         validate_stage(StageContext(settings, ArtifactStore.from_settings(settings)), config, snapshot)
+
+
+def test_served_model_refuses_a_head_changed_after_registration(tiny_encoder_path, tmp_path):
+    """The pyfunc checks its head against the sha256 recorded at registration (and its encoder's digest)."""
+    from types import SimpleNamespace
+
+    from adaptflow.encoders import folder_digest
+    from adaptflow.heads import Head, save_head
+    from adaptflow.serving import HeadClassifier, ModelSpec
+    from adaptflow.store import sha256_file
+
+    head = save_head(Head(32, 2), tmp_path / "head.safetensors", ["neg", "pos"])
+    spec = ModelSpec(encoder_ref=str(tiny_encoder_path), encoder_digest=folder_digest(tiny_encoder_path),
+                     max_length=16, pooling="mean", dtype="fp32", labels=["neg", "pos"],
+                     head_sha256=sha256_file(head)[0])
+    (tmp_path / "model_spec.json").write_text(spec.to_json())
+    context = SimpleNamespace(artifacts={"head": str(head), "model_spec": str(tmp_path / "model_spec.json")})
+    model = HeadClassifier()
+    model.load_context(context)  # as registered: loads
+    assert model.predict(context, pd.DataFrame({"text": ["good film"]}))["label"].tolist()[0] in ("neg", "pos")
+
+    save_head(Head(32, 2), head, ["neg", "pos"])  # other weights, same place
+    with pytest.raises(ValueError, match="changed after registration"):
+        HeadClassifier().load_context(context)

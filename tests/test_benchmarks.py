@@ -1,0 +1,36 @@
+"""The benchmarks in smoke mode: every row runs end to end on tiny data with a tiny encoder (numbers mean nothing).
+
+Benchmarks are not timed tests; this only proves that `make bench` executes: the six rows, the JSON and the
+markdown table, against the session's real S3 + MLflow and the Prefect test harness.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import run as bench
+
+
+def test_smoke_runs_all_six_rows(services_env, prefect_harness, tmp_path):
+    doc = bench.run(bench.ORDER, smoke=True, services_mode="env", work=tmp_path / "work")
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == bench.ORDER
+    failed = {name: r["data"].get("error", r["measured"]) for name, r in rows.items() if r["measured"].startswith("FAILED")}
+    assert not failed, failed
+    assert rows["incremental"]["data"]["encoded"] == rows["incremental"]["data"]["new_distinct_texts"] > 0
+    assert rows["memory"]["data"]["peak_rss_mb"]["1x"] > 0  # a child process, measured by wait4
+    assert rows["vs_seed"]["data"]["seed"]["extrapolated"] and rows["vs_seed"]["data"]["ratio"] > 0
+    assert rows["encoder"]["data"]["runs"]["bf16"]["ceiling_tokens_per_s"] > 0
+    md = bench.markdown(doc)
+    assert md.count("\n| ") == 2 + len(bench.ORDER) and "SMOKE MODE" in md
+    json.dumps(doc, default=str)
+
+
+def test_cli_arguments_and_results_files(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "nope"])
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    bench.record("| table |\n")
+    bench.record("| newer |\n")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| newer |" in text and "| table |" not in text and text.count("<!-- latest:begin -->") == 1
