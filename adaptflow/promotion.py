@@ -25,6 +25,8 @@ from adaptflow.stages import StageContext, _read_frame, encode_into_cache
 
 log = logging.getLogger("adaptflow")
 
+RESCORE_TAGS = {"adaptflow.head_uri", "adaptflow.encoder_ref", "adaptflow.encoder_digest", "adaptflow.max_length",
+                "adaptflow.pooling", "adaptflow.dtype"}
 SMOKE_TEXTS = ["This is great.", "This is terrible.", "An ordinary sentence about nothing in particular."]
 
 
@@ -88,11 +90,17 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
     with store_lock(ctx.store, f"promote/{name}"):
         champion = current_alias(client, name, CHAMPION)
         champion_pred = None
-        if champion is not None and champion.version != version:
+        if champion is not None and champion.version != version and RESCORE_TAGS <= set(champion.tags):
             # a champion label the challenger does not know is simply a wrong answer on that row
             predicted = score_version(ctx, champion, texts)
             champion_pred = np.array([index.get(p, (y + 1) % len(labels)) for p, y in zip(predicted, y_true)])
-        verdict: GateDecision = decide(y_true, challenger_pred, champion_pred, labels, config.gate, seed=config.seed)
+        if champion is not None and champion.version != version and not RESCORE_TAGS <= set(champion.tags):
+            # registered without the tags that make re-scoring possible: no evidence, a person decides
+            verdict = GateDecision("hold", f"champion v{champion.version} cannot be re-scored (it lacks the tags "
+                                   f"{sorted(RESCORE_TAGS - set(champion.tags))}); promote by hand if it should go",
+                                   config.gate.metric, {})
+        else:
+            verdict = decide(y_true, challenger_pred, champion_pred, labels, config.gate, seed=config.seed)
         if verdict.decision == "promote" and config.gate.smoke_test:
             smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())
         moved = None
