@@ -220,11 +220,16 @@ class EmbeddingCache:
         # (when the index was never loaded, the first read lists S3 and finds this shard there)
         return shard.id
 
-    def read(self, hashes: Sequence[str]) -> np.ndarray:
+    def read(self, hashes: Sequence[str], out=None) -> np.ndarray:
         """Vectors for ``hashes`` in the given order, float32 [n, dim].
 
         Only the shards holding requested rows are downloaded, a few at a time, each verified against its
         name, and dropped once its rows are copied out: memory stays ~ output + a few shards.
+
+        Args:
+            out: where to put the rows instead of a new array: anything with ``out[positions] = vectors`` and
+                ``len(out) == len(hashes)``, e.g. a :class:`~adaptflow.rowfile.RowFile` (then memory stays ~ a
+                few shards). Returned.
 
         Raises:
             KeyError: some hashes are not cached (the message counts them and shows the first).
@@ -247,7 +252,11 @@ class EmbeddingCache:
         dims = {self._shards[s].dim for s in needed}
         if len(dims) != 1:
             raise CacheIntegrityError(f"{self.uri}: shards disagree on the vector width ({sorted(dims)})")
-        out = np.empty((len(hashes), dims.pop()), dtype=np.float32)
+        dim = dims.pop()
+        if out is None:
+            out = np.empty((len(hashes), dim), dtype=np.float32)
+        elif len(out) != len(hashes) or out.shape[1] != dim:
+            raise ValueError(f"out is {tuple(out.shape)}; need ({len(hashes)}, {dim})")
         with ThreadPoolExecutor(_THREADS) as pool:
             for w in range(0, len(needed), _THREADS):  # a window of downloads in flight bounds memory
                 window = [self._shards[s] for s in needed[w : w + _THREADS]]

@@ -107,6 +107,29 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
 
 
 _ALLOCATOR_TUNED = False
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 — glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Batches of varying shapes fragment the heap: without this, a 37k-row encode left ~500 MB of free but
+    resident memory behind (measured), which counts in the process's peak RSS like live data.
+    """
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def keep_freed_buffers_in_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
@@ -119,12 +142,14 @@ def keep_freed_buffers_in_heap(mmap_threshold: int = 64 << 20, trim_threshold: i
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
+    libc = _libc()
+    if not libc:
+        return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
             libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+    except (OSError, AttributeError):
         ok = False
     _ALLOCATOR_TUNED = ok
     return ok
@@ -492,13 +517,18 @@ def iter_encode(
             pending += len(rows)
             bar.update(len(rows))
             if pending >= chunk_rows or rows is batches[-1]:
-                paused = time.perf_counter()
-                yield np.concatenate(out_idx), np.concatenate(out_vec)
-                waited += time.perf_counter() - paused
+                chunk = np.concatenate(out_idx), np.concatenate(out_vec)
                 out_idx, out_vec, pending = [], [], 0
+                if device_type == "cpu":
+                    release_free_memory()  # once a chunk (~30 batches): bounds the heap, costs < 1 ms
+                paused = time.perf_counter()
+                yield chunk
+                waited += time.perf_counter() - paused
     finally:  # also when the caller stops early (GeneratorExit): stop the workers, close the bar
         results.close()
         bar.close()
+        if device_type == "cpu":
+            release_free_memory()
     # encoding time only, so tokens/s measures the encoder (with workers, encoding overlaps the caller's time,
     # so this errs on the slow side only when the caller is slower than the encoder)
     seconds = max(time.perf_counter() - t0 - waited, 1e-9) if n_workers == 1 else time.perf_counter() - t0

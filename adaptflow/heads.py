@@ -22,8 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from adaptflow.rowfile import RowFile
+
 HEAD_FORMAT = "adaptflow-head/1"
 DEFAULT_LR = {"linear": 1e-2, "mlp": 1e-3}
+STREAM_BLOCK_ROWS = 32768  # rows per block when training from a RowFile (48 MB of 384-d vectors)
 
 
 @dataclass
@@ -142,48 +145,83 @@ def _single_thread_on_cpu(device: str):
 
 
 def fit_head(
-    X: np.ndarray,
+    X: np.ndarray | RowFile,
     y: np.ndarray,
     n_classes: int,
     config: HeadConfig | None = None,
     *,
     device: str | None = None,
     log: Callable[[str], None] | None = print,
+    block_rows: int = STREAM_BLOCK_ROWS,
 ) -> FitResult:
     """Train a head on embeddings ``X`` [n, d] and integer labels ``y`` in ``[0, n_classes)``.
 
     Seeded and deterministic on CPU. With ``val_fraction > 0``, a stratified slice of the rows is held out, and
     training stops once the validation loss has not improved for ``patience`` epochs; the best epoch's weights
     are restored. ``log`` gets one line per epoch (None silences it).
+
+    ``X`` may be a :class:`~adaptflow.rowfile.RowFile` (rows on local disk, in random order): each epoch then
+    visits its blocks of ``block_rows`` rows in a random order and shuffles rows within a block, holding one
+    block in memory instead of all of X.
     """
     cfg = config or HeadConfig()
-    # require(W): torch.from_numpy needs a writable array; copies only when the input is read-only or strided
-    X = np.require(X, dtype=np.float32, requirements=["C", "W"])
+    streamed = isinstance(X, RowFile)
+    if not streamed:
+        # require(W): torch.from_numpy needs a writable array; copies only when the input is read-only or strided
+        X = np.require(X, dtype=np.float32, requirements=["C", "W"])
     y = np.require(y, dtype=np.int64, requirements=["C", "W"])
-    if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+    if len(X.shape) != 2 or len(X) != len(y) or len(X) == 0:
         raise ValueError(f"need X [n, d] and y [n] with n > 0; got X {X.shape}, y {y.shape}")
     if n_classes < 2 or y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must be integers in [0, {n_classes}) with n_classes >= 2; got {y.min()}..{y.max()}")
-    if not np.isfinite(X).all():
-        raise ValueError("X contains NaN/inf")
     device = device or default_device()
     log = log or (lambda _msg: None)
     t_start = time.perf_counter()
 
     rng = np.random.default_rng(cfg.seed)
     train_idx, val_idx = stratified_holdout(y, cfg.val_fraction, rng)
-    Xt = torch.from_numpy(X).to(device)  # everything fits in memory: index it per batch, no DataLoader
     yt = torch.from_numpy(y).to(device)
     tr, va = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
-    Xtr, ytr, Xva, yva = Xt[tr], yt[tr], Xt[va], yt[va]
+    if streamed:  # one pass over the file: check every row, copy out the (small) held-out slice
+        Xt, Xva = None, _gather_checked(X, val_idx, block_rows).to(device)
+        in_train = np.zeros(len(y), dtype=bool)
+        in_train[train_idx] = True
+    else:
+        if not all(np.isfinite(X[i : i + 65536]).all() for i in range(0, len(X), 65536)):  # no X-sized temporary
+            raise ValueError("X contains NaN/inf")
+        Xt = torch.from_numpy(X).to(device)  # everything fits in memory: index it per batch, no DataLoader
+        # the training rows are gathered per batch (Xt[tr[batch]]), never copied out as a whole: X is the
+        # largest array of a run, and one copy of it is enough; the held-out slice is small, so it is copied once
+        Xva = Xt[va]
+    ytr, yva = yt[tr], yt[va]
     log(f"training {cfg.kind} head: {len(train_idx)} rows ({len(val_idx)} held out), {X.shape[1]} dims, "
-        f"{n_classes} classes, on {device}")
+        f"{n_classes} classes, on {device}{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}")
 
     weight = None
     if cfg.class_weights:  # inverse frequency ("balanced"): every class weighs as much as the others in total
         counts = np.bincount(y[train_idx], minlength=n_classes).astype(np.float64)
         w = np.where(counts > 0, len(train_idx) / (n_classes * np.maximum(counts, 1)), 0.0)
         weight = torch.tensor(w, dtype=torch.float32, device=device)
+
+    def epoch_batches(gen: torch.Generator):
+        """This epoch's mini-batches ``(x, y)``: in memory, one permutation of all training rows; streamed,
+        blocks in a random order, rows shuffled within each block."""
+        if not streamed:
+            perm = torch.randperm(len(train_idx), generator=gen).to(device)
+            for start in range(0, len(perm), cfg.batch_size):
+                batch = perm[start : start + cfg.batch_size]
+                yield Xt[tr[batch]], ytr[batch]
+            return
+        n_blocks = math.ceil(len(y) / block_rows)
+        for b in torch.randperm(n_blocks, generator=gen).tolist():
+            start = b * block_rows
+            keep = in_train[start : start + block_rows]
+            xb = torch.from_numpy(X.read(start, start + block_rows)[keep]).to(device)
+            yb = yt[start : start + block_rows][torch.from_numpy(keep).to(device)]
+            perm = torch.randperm(len(xb), generator=gen).to(device)
+            for s in range(0, len(perm), cfg.batch_size):
+                batch = perm[s : s + cfg.batch_size]
+                yield xb[batch], yb[batch]
 
     # fork_rng: seed init/shuffle/dropout without touching the caller's global RNG state
     cuda_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
@@ -199,7 +237,6 @@ def fit_head(
             lr=cfg.lr,
         )
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
 
         history: list[dict] = []
         best = (math.inf, 0, None)  # (val loss, epoch, state)
@@ -210,15 +247,13 @@ def fit_head(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             head.train()
-            perm = torch.randperm(len(train_idx), generator=gen).to(device)
             total = torch.zeros((), device=device)  # summed on device: .item() per step would sync a GPU
-            for step in range(steps_per_epoch):
-                batch = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loss = F.cross_entropy(head(Xtr[batch]), ytr[batch], weight=weight)
+            for xb, yb in epoch_batches(gen):
+                loss = F.cross_entropy(head(xb), yb, weight=weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach() * len(batch)
+                total += loss.detach() * len(yb)
             train_loss = total.item() / len(train_idx)
 
             record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
@@ -252,15 +287,29 @@ def fit_head(
     return FitResult(head=head, history=history, best_epoch=best_epoch, seconds=time.perf_counter() - t_start)
 
 
+def _gather_checked(X: RowFile, rows: np.ndarray, block_rows: int) -> torch.Tensor:
+    """``X[rows]`` (sorted row indices) read block by block, every block checked for NaN/inf on the way."""
+    out, taken = np.empty((len(rows), X.shape[1]), dtype=np.float32), 0
+    for start, block in X.blocks(block_rows):
+        if not np.isfinite(block).all():
+            raise ValueError(f"X contains NaN/inf (rows {start}..{start + len(block) - 1} of {X.path})")
+        sel = rows[(rows >= start) & (rows < start + len(block))]
+        out[taken : taken + len(sel)] = block[sel - start]
+        taken += len(sel)
+    return torch.from_numpy(out)
+
+
 @torch.no_grad()
-def predict_proba(head: Head, X: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-    """Class probabilities [n, n_classes] (float64) for embeddings ``X``."""
+def predict_proba(head: Head, X: np.ndarray | RowFile, *, batch_size: int = 65536) -> np.ndarray:
+    """Class probabilities [n, n_classes] (float64) for embeddings ``X`` (an array or a RowFile)."""
     head.eval()
     device = next(head.parameters()).device
-    X = np.asarray(X, dtype=np.float32)
+    if not isinstance(X, RowFile):
+        X = np.asarray(X, dtype=np.float32)
     out = np.empty((len(X), head.n_classes), dtype=np.float64)
     for start in range(0, len(X), batch_size):
-        xb = torch.from_numpy(X[start : start + batch_size]).to(device)
+        block = X.read(start, start + batch_size) if isinstance(X, RowFile) else X[start : start + batch_size]
+        xb = torch.from_numpy(block).to(device)
         out[start : start + batch_size] = torch.softmax(head(xb).float(), dim=-1).cpu().numpy()
     return out
 

@@ -27,7 +27,7 @@ from adaptflow.store import ArtifactStore, ConflictError
 log = logging.getLogger("adaptflow")
 
 # Bump a stage's version when its code changes what it writes: old outputs then stop matching.
-STAGE_VERSIONS = {"ingest": 1, "validate": 1, "tokenize": 1, "train": 1, "evaluate": 1}
+STAGE_VERSIONS = {"ingest": 1, "validate": 1, "tokenize": 2, "train": 1, "evaluate": 1}
 
 
 @dataclass
@@ -145,25 +145,33 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
 
 
 def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict) -> dict:
-    """Tokenize each distinct text once (truncated, unpadded); store ids keyed by the text's sha256."""
+    """Tokenize each distinct text once (truncated, unpadded); store ids keyed by the text's sha256.
+
+    Ids are stored as one Arrow ``list<int32>`` column and held as a :class:`~adaptflow.embed.TokenIds` (4 bytes
+    a token) rather than lists of Python ints (~36 bytes a token): what keeps this stage small at millions of rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from adaptflow.cache import text_sha256
-    from adaptflow.embed import tokenize_texts
+    from adaptflow.embed import tokenize_ragged
     from adaptflow.encoders import load_encoder, resolve_encoder
 
     prefix = f"tokens/{stage_key('tokenize', data=validated['digest'], encoder=encoder['digest'], max_length=config.encoder.max_length)}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        texts = pd.concat([_read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])])["text"]
+        texts = pd.concat([_read_frame(ctx, validated["train"])["text"], _read_frame(ctx, validated["test"])["text"]])
         texts = list(dict.fromkeys(texts))  # distinct, order kept
         tokenizer, _ = load_encoder(resolve_encoder(encoder["ref"], store=ctx.store, cache_dir=ctx.settings.cache_dir))
         started = time.perf_counter()
-        ids = tokenize_texts(tokenizer, texts, config.encoder.max_length)
-        frame = pd.DataFrame({"text_sha256": [text_sha256(t) for t in texts], "ids": ids})
+        ids = tokenize_ragged(tokenizer, texts, config.encoder.max_length)
+        table = pa.table({"text_sha256": pa.array([text_sha256(t) for t in texts], pa.string()), "ids": ids.to_arrow()})
+        del texts
         buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        total = int(sum(map(len, ids)))
-        log.info("tokenized %d texts, %d tokens in %.2fs", len(texts), total, time.perf_counter() - started)
-        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(texts), "n_tokens": total})
+        pq.write_table(table, buffer)
+        total = int(len(ids.values))
+        log.info("tokenized %d texts, %d tokens in %.2fs", len(ids), total, time.perf_counter() - started)
+        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(ids), "n_tokens": total})
     return {"tokens": ctx.store.uri(f"{prefix}/tokens.parquet"), **meta}
 
 
@@ -182,9 +190,11 @@ def _device(config: RunConfig) -> str:
     return config.encoder.device
 
 
-def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids: list[list[int]], *, encoder_ref: str,
+def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str,
                       pooling: str, dtype: str, device: str, tokens_per_batch: int | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
+
+    ``token_ids`` is a :class:`~adaptflow.embed.TokenIds` or a list of id lists, one per hash.
 
     Returns:
         tokens/s of the forward passes, or None when there was nothing to encode.
@@ -196,8 +206,9 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids: li
         return None
     _, model = load_encoder(resolve_encoder(encoder_ref, store=ctx.store, cache_dir=ctx.settings.cache_dir),
                             device=device)
-    hashes_array = np.asarray(hashes)
-    started, n_tokens = time.perf_counter(), sum(map(len, token_ids))
+    hashes_array = np.asarray(hashes, dtype=object)  # pointers to the str objects, not 256 bytes a hash (<U64)
+    started = time.perf_counter()
+    n_tokens = int(len(token_ids.values)) if hasattr(token_ids, "values") else sum(map(len, token_ids))
     for indices, vectors in iter_encode(model, token_ids, pooling=pooling, dtype=dtype, device=device,
                                         tokens_per_batch=tokens_per_batch):
         cache.write_shard(list(hashes_array[indices]), vectors)
@@ -206,31 +217,61 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids: li
 
 def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dict) -> dict:
     """Encode only the rows the cache has never seen; everything else is read back later by hash."""
-    from adaptflow.embed import resolve_dtype
+    import pyarrow.parquet as pq
+
+    from adaptflow.embed import TokenIds, release_free_memory, resolve_dtype
+    from adaptflow.store import parse_s3_uri
 
     device = _device(config)
     dtype = resolve_dtype(config.encoder.dtype, device)
     cache = _cache_for(ctx, config, encoder, dtype)
-    frame = _read_frame(ctx, tokens["tokens"])
-    missing = set(cache.missing(list(frame["text_sha256"])))
-    todo = frame[frame["text_sha256"].isin(missing)]
+    # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
+    table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(tokens["tokens"])[1])))
+    hashes = table.column("text_sha256").to_pylist()
+    missing = set(cache.missing(hashes))
+    todo = np.fromiter((h in missing for h in hashes), dtype=bool, count=len(hashes))
+    n_rows, n_todo = len(hashes), int(todo.sum())
+    todo_hashes = [h for h, m in zip(hashes, todo) if m]
+    del hashes, missing
+    todo_ids = TokenIds.from_arrow(table.column("ids"))
+    if n_todo < n_rows:  # a cold run encodes every row: no copy needed
+        todo_ids = todo_ids.take(np.flatnonzero(todo))
+    del table
+    release_free_memory()  # the frames and temporaries above are garbage now: keep them out of the encode's peak
     tokens_per_s = encode_into_cache(
-        ctx, cache, list(todo["text_sha256"]), [list(ids) for ids in todo["ids"]], encoder_ref=encoder["ref"],
+        ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"],
         pooling=config.encoder.pooling, dtype=dtype, device=device, tokens_per_batch=config.encoder.tokens_per_batch)
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
-             len(todo), tokens_per_s, dtype, device, len(frame) - len(todo), cache.prefix)
+             n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
     return {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
-            "encoded": len(todo), "cached": len(frame) - len(todo), "tokens_per_s": tokens_per_s}
+            "encoded": n_todo, "cached": n_rows - n_todo, "tokens_per_s": tokens_per_s}
 
 
-def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str]):
-    """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels``."""
+def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str],
+            *, spill_dir: Path, seed: int = 0):
+    """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels``.
+
+    X is an array when it fits the in-memory budget (``rowfile.in_memory_budget``), else a
+    :class:`~adaptflow.rowfile.RowFile` under ``spill_dir`` with the rows in a seeded random order (``y``
+    permuted alike), which is what the streamed head training needs.
+    """
     from adaptflow.cache import text_sha256
+    from adaptflow.rowfile import RowFile, in_memory_budget
 
     frame = _read_frame(ctx, frame_uri)
-    X = _cache_for(ctx, config, encoder, embedded["dtype"]).read([text_sha256(t) for t in frame["text"]])
+    hashes = [text_sha256(t) for t in frame["text"]]
     y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
-    return X, y, frame
+    del frame
+    cache = _cache_for(ctx, config, encoder, embedded["dtype"])
+    dim = int(encoder["hidden_size"])
+    if len(hashes) * dim * 4 <= in_memory_budget():
+        return cache.read(hashes), y
+    perm = np.random.default_rng(seed).permutation(len(hashes))  # row i of the file holds source row perm[i]
+    rows = RowFile(Path(spill_dir) / "vectors.f32", len(hashes), dim)
+    cache.read([hashes[i] for i in perm], out=rows)
+    log.info("%d x %d vectors (%.0f MB) over the in-memory budget: streaming them from %s",
+             len(hashes), dim, len(hashes) * dim * 4 / 2**20, rows.path)
+    return rows, y[perm]
 
 
 # ---------------------------------------------------------------------------------------------- head
@@ -245,9 +286,11 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
     meta = _cached(ctx, prefix)
     if meta is None:
         labels = validated["labels"]
-        X, y, _ = _arrays(ctx, config, encoder, embedded, validated["train"], labels)
-        fit = fit_head(X, y, len(labels), head_config, device=_device(config), log=log.info)
         with tempfile.TemporaryDirectory() as tmp:
+            X, y = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
+                           seed=config.seed)
+            fit = fit_head(X, y, len(labels), head_config, device=_device(config), log=log.info)
+            del X
             path = Path(tmp) / "head.safetensors"
             save_head(fit.head, path, labels)
             meta = _publish_once(ctx, prefix, {
@@ -271,11 +314,13 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
     meta = _cached(ctx, prefix)
     if meta is None:
         labels = validated["labels"]
-        X, y, _ = _arrays(ctx, config, encoder, embedded, validated["test"], labels)
         with tempfile.TemporaryDirectory() as tmp:
+            X, y = _arrays(ctx, config, encoder, embedded, validated["test"], labels, spill_dir=Path(tmp))
             path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
             model, _ = load_head(path)
-        metrics = compute_metrics(y, predict_proba(model, X), labels)
+            proba = predict_proba(model, X)  # (the rows' order does not matter to the metrics: y is permuted alike)
+            del X
+        metrics = compute_metrics(y, proba, labels)
         figure = confusion_matrix_figure(metrics["confusion"], labels)
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120, bbox_inches="tight")

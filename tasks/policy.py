@@ -8,6 +8,7 @@ from typing import Any, Callable
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adaptflow.embed import release_free_memory
 from adaptflow.stages import StageContext
 
 # Backoff for transient faults (a restarting S3 or MLflow server comes back within seconds).
@@ -29,7 +30,12 @@ def is_transient(task, task_run, state) -> bool:
 def run_stage(stage: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
     """Run one stage against the configured services and add its wall time as ``seconds``."""
     started = time.perf_counter()
-    result = stage(StageContext.from_env(), *args, **kwargs)
+    try:
+        result = stage(StageContext.from_env(), *args, **kwargs)
+    finally:
+        # the frames and arrays a stage held are garbage now; give their pages back, or the next stage's peak
+        # stacks on top of them (measured: ~240 MB retained after ingest/validate/tokenize of 372k rows)
+        release_free_memory()
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
 
 
