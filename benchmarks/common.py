@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -229,10 +230,29 @@ def services(mode: str, work: Path) -> Iterator[Services]:
 class RunResult:
     summary: dict
     wall_s: float
-    peak_rss_mb: float | None
+    peak_rss_mb: float | None  # the retrain process itself (its VmHWM, sampled until it exits)
     bucket: str
     stderr_tail: str = ""
-    extra: dict = field(default_factory=dict)
+    peak_rss_tree_mb: float | None = None  # wait4's ru_maxrss: the largest of it and the children it waited for
+
+
+class _PeakSampler(threading.Thread):
+    """Reads a live process's VmHWM (its own peak RSS, children excluded) every 50 ms until it exits."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kb, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        path = Path(f"/proc/{self.pid}/status")
+        while not self.done.is_set():
+            try:
+                for line in path.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+            except (OSError, ValueError, IndexError):  # exited (zombie: no VmHWM) or not Linux
+                pass
+            self.done.wait(0.05)
 
 
 class RetrainError(RuntimeError):
@@ -262,8 +282,12 @@ class Runner:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             t = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)
+            sampler = _PeakSampler(proc.pid)
+            sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t
+            sampler.done.set()
+            sampler.join()
             proc.returncode = os.waitstatus_to_exitcode(status)
             out.seek(0)
             err.seek(0)
@@ -271,8 +295,9 @@ class Runner:
         if proc.returncode != 0:
             raise RetrainError(f"adaptflow retrain {config} failed ({proc.returncode}):\n{stderr[-3000:]}")
         summary = json.loads(stdout.strip().splitlines()[-1])
-        # ru_maxrss is in KiB on Linux
-        return RunResult(summary, wall, usage.ru_maxrss / 1024, bucket, stderr[-2000:])
+        # ru_maxrss is in KiB on Linux; the sampler misses at most the last 50 ms before exit (teardown)
+        own = sampler.peak_kb / 1024 if sampler.peak_kb else None
+        return RunResult(summary, wall, own, bucket, stderr[-2000:], peak_rss_tree_mb=usage.ru_maxrss / 1024)
 
     def _here(self, config: Path, sets, env: dict, bucket: str) -> RunResult:
         from adaptflow.config import load_config
