@@ -38,8 +38,8 @@ class StageContext:
     store: ArtifactStore
 
     @classmethod
-    def from_env(cls) -> "StageContext":
-        settings = load_settings()
+    def from_env(cls, settings: Settings | None = None) -> "StageContext":
+        settings = settings or load_settings()
         store = ArtifactStore.from_settings(settings)
         store.ensure_bucket()
         return cls(settings, store)
