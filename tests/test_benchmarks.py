@@ -34,3 +34,16 @@ def test_cli_arguments_and_results_files(tmp_path, monkeypatch):
     bench.record("| newer |\n")
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| newer |" in text and "| table |" not in text and text.count("<!-- latest:begin -->") == 1
+
+
+def test_encode_variants_compare_against_the_default():
+    """The experiments behind the encode defaults run and report a ratio and a cosine per variant."""
+    from benchmarks import encode_variants
+
+    rows = encode_variants.run(48, ["sdpa_vs_eager", "int8"])
+    assert [r["variant"] for r in rows] == ["eager attention instead of SDPA", "int8 dynamic quantisation (Linear)"]
+    for r in rows:
+        assert r["ratio"] > 0 and r["variant_tok_s"] > 0
+    assert rows[0]["cosine_min"] > 0.99  # same maths, another kernel
+    assert 0.5 < rows[1]["cosine_min"] < 1.0  # int8 changes the vectors: the table shows by how much
+    assert encode_variants.markdown(rows).count("\n| ") == 3
