@@ -199,7 +199,7 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *,
     Returns:
         tokens/s of the forward passes, or None when there was nothing to encode.
     """
-    from adaptflow.embed import iter_encode
+    from adaptflow.embed import TokenIds, iter_encode
     from adaptflow.encoders import load_encoder, resolve_encoder
 
     if not hashes:
@@ -208,7 +208,7 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *,
                             device=device)
     hashes_array = np.asarray(hashes, dtype=object)  # pointers to the str objects, not 256 bytes a hash (<U64)
     started = time.perf_counter()
-    n_tokens = int(len(token_ids.values)) if hasattr(token_ids, "values") else sum(map(len, token_ids))
+    n_tokens = len(token_ids.values) if isinstance(token_ids, TokenIds) else sum(map(len, token_ids))
     for indices, vectors in iter_encode(model, token_ids, pooling=pooling, dtype=dtype, device=device,
                                         tokens_per_batch=tokens_per_batch):
         cache.write_shard(list(hashes_array[indices]), vectors)
