@@ -228,10 +228,10 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
     table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(tokens["tokens"])[1])))
     hashes = table.column("text_sha256").to_pylist()
-    missing = set(cache.missing(hashes))
+    todo_hashes = cache.missing(hashes)  # in row order: the tokenize stage keeps one row per distinct text
+    missing = set(todo_hashes)
     todo = np.fromiter((h in missing for h in hashes), dtype=bool, count=len(hashes))
-    n_rows, n_todo = len(hashes), int(todo.sum())
-    todo_hashes = [h for h, m in zip(hashes, todo) if m]
+    n_rows, n_todo = len(hashes), len(todo_hashes)
     del hashes, missing
     todo_ids = TokenIds.from_arrow(table.column("ids"))
     if n_todo < n_rows:  # a cold run encodes every row: no copy needed

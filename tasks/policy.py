@@ -29,7 +29,7 @@ def is_transient(task, task_run, state) -> bool:
     return False
 
 
-_CONTEXTS: dict[str, StageContext] = {}
+_CONTEXTS: dict[str, StageContext] = {}  # kept in memory only, never logged
 _CONTEXTS_LOCK = threading.Lock()
 
 
@@ -37,7 +37,9 @@ def stage_context() -> StageContext:
     """The StageContext for the current settings, built once per process and settings (a boto3 client and the
     bucket check cost ~0.1 s, nine times a run); settings changed by env make a new one."""
     settings = load_settings()
-    key = settings.model_dump_json()
+    # every field in clear (model_dump_json masks the secret key, so a rotated secret would keep the old client)
+    key = repr(sorted(settings.model_dump(mode="python").items(), key=lambda kv: kv[0]))
+    key += repr(settings.secret_key)
     with _CONTEXTS_LOCK:
         ctx = _CONTEXTS.get(key)
     if ctx is None:
