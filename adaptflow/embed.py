@@ -555,10 +555,6 @@ class EncodeResult:
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
-    @property
-    def rows_per_second(self) -> float:
-        return len(self.vectors) / max(self.seconds, 1e-9)
-
 
 def encode(model, token_ids: Sequence[Sequence[int]] | TokenIds, **kwargs) -> EncodeResult:
     """Encode everything and return the vectors in input order (``kwargs`` as in ``iter_encode``)."""

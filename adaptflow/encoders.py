@@ -62,6 +62,10 @@ class EncoderError(ValueError):
     """An encoder reference cannot be resolved, verified or loaded; the message says what to pass instead."""
 
 
+class EncoderMismatchError(EncoderError):
+    """An encoder ref resolved to other files than the digest a stage was promised."""
+
+
 @dataclass(frozen=True)
 class ResolvedEncoder:
     """A local folder holding an encoder, where it came from, and the digest of its files."""
@@ -397,7 +401,52 @@ def encoder_max_length(tokenizer, model) -> int:
     return min(limits) if limits else 512  # neither says: BERT's usual window
 
 
+def resolve_expected(
+    ref: str, expected_digest: str, *, store: ArtifactStore | None = None, cache_dir: str | os.PathLike | None = None
+) -> ResolvedEncoder:
+    """Resolve ``ref`` and insist that it is the snapshot ``expected_digest`` names.
+
+    Every stage after the resolve stage loads its encoder through this: the digest that keys the embedding
+    cache, the tokens and the head is the one the files must have, so a changed package, folder or snapshot
+    can never be used (and cached) under another encoder's digest.
+
+    Raises:
+        EncoderMismatchError: the files at ``ref`` have another digest (the message names both).
+    """
+    resolved = resolve_encoder(ref, store=store, cache_dir=cache_dir)
+    if resolved.digest != expected_digest:
+        raise EncoderMismatchError(
+            f"encoder {ref} now resolves to {resolved.digest}, but this run (its tokens, embedding cache and head) "
+            f"was keyed on {expected_digest}: the encoder's files changed between stages. Nothing was written; "
+            "re-run so that every stage uses one snapshot"
+        )
+    return resolved
+
+
 # ---- publishing ---------------------------------------------------------------------------------------
+
+
+def snapshot_encoder(
+    ref: str | os.PathLike, store: ArtifactStore, *, cache_dir: str | os.PathLike | None = None
+) -> ResolvedEncoder:
+    """Resolve ``ref`` once and pin it: a folder, package or hub encoder is pushed to the store content-addressed
+    (as ``adaptflow encoder push`` does) and the S3 snapshot is resolved back, downloaded and verified.
+
+    The returned encoder's ``ref`` is that ``s3://`` snapshot: every later stage (a GPU worker on another machine,
+    the gate, serving) loads exactly these files by ref + digest. An ``s3://`` ref is already a snapshot.
+    """
+    resolved = resolve_encoder(ref, store=store, cache_dir=cache_dir)
+    if resolved.source == "s3":
+        return resolved
+    s3_ref = _publish(resolved, snapshot_name(resolved), store)
+    return resolve_expected(s3_ref, resolved.digest, store=store, cache_dir=cache_dir)
+
+
+def snapshot_name(resolved: ResolvedEncoder) -> str:
+    """A readable name for an automatic snapshot: the package, folder or hub model name."""
+    base = resolved.ref.removeprefix("package:").removeprefix("hf:").split("@", 1)[0].rstrip("/\\")
+    base = re.split(r"[/\\]", base)[-1] if resolved.source != "package" else base
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip(".-") or "encoder"
 
 
 def push_encoder(
@@ -410,9 +459,19 @@ def push_encoder(
     Returns:
         (s3 ref, digest).
     """
+    _check_name(name)
+    resolved = resolve_encoder(ref, store=store, cache_dir=cache_dir)
+    return _publish(resolved, name, store), resolved.digest
+
+
+def _check_name(name: str) -> None:
     if not name.strip() or name in (".", "..") or len(name) > 200 or _BAD_NAME.search(name):
         raise EncoderError(f"encoder name {name!r} must be a non-empty name without '/', '\\', ':' (e.g. minilm)")
-    resolved = resolve_encoder(ref, store=store, cache_dir=cache_dir)
+
+
+def _publish(resolved: ResolvedEncoder, name: str, store: ArtifactStore) -> str:
+    """Upload ``resolved``'s snapshot under ``encoders/<name>/<digest-hex[:16]>`` (a no-op when it is there)."""
+    _check_name(name)
     if problem := weights_problem(resolved.path):
         raise EncoderError(f"not pushing {resolved.ref!r}: {problem}")
     prefix = f"encoders/{name}/{resolved.digest_hex[:16]}"
@@ -423,7 +482,7 @@ def push_encoder(
         try:
             store.publish(prefix, snapshot_files(resolved.path), meta=meta)
             log.info("pushed %s as %s", resolved.ref, s3_ref)
-            return s3_ref, resolved.digest
+            return s3_ref
         except ConflictError:  # a concurrent push of (presumably) the same snapshot won
             existing = store.read_manifest(prefix)
     theirs = (existing or {}).get("meta", {}).get("digest")
@@ -431,4 +490,4 @@ def push_encoder(
         raise EncoderError(
             f"{s3_ref} already holds a different encoder ({theirs}, not {resolved.digest}); push under another name"
         )
-    return s3_ref, resolved.digest
+    return s3_ref

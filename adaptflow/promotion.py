@@ -21,7 +21,7 @@ import numpy as np
 
 from adaptflow.config import RunConfig
 from adaptflow.gate import GateDecision, decide
-from adaptflow.stages import StageContext, _read_frame, encode_into_cache
+from adaptflow.stages import StageContext, encode_into_cache, load_stage_encoder, read_frame
 
 log = logging.getLogger("adaptflow")
 
@@ -34,7 +34,6 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
     """Predicted labels of a registered version on ``texts``, via the embedding cache (encoding what is missing)."""
     from adaptflow.cache import EmbeddingCache, text_sha256
     from adaptflow.embed import tokenize_texts
-    from adaptflow.encoders import load_encoder, resolve_encoder
     from adaptflow.heads import load_head, predict_proba
     from adaptflow.store import parse_s3_uri
 
@@ -46,12 +45,13 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
     missing = set(cache.missing(hashes))
     if missing:
         todo = list(dict.fromkeys(t for t, h in zip(texts, hashes) if h in missing))
-        tokenizer, _ = load_encoder(resolve_encoder(tags["adaptflow.encoder_ref"], store=ctx.store,
-                                                    cache_dir=ctx.settings.cache_dir))
+        # the version's own snapshot, verified against the digest it was trained (and its cache keyed) on
+        tokenizer, _ = load_stage_encoder(ctx, {"ref": tags["adaptflow.encoder_ref"],
+                                                "digest": tags["adaptflow.encoder_digest"]})
         ids = tokenize_texts(tokenizer, todo, int(tags["adaptflow.max_length"]))
         log.info("gate: encoding %d test rows with version %s's encoder", len(todo), version.version)
         encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=tags["adaptflow.encoder_ref"],
-                          pooling=tags["adaptflow.pooling"], dtype=tags["adaptflow.dtype"], device="cpu")
+                          device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         bucket, key = parse_s3_uri(tags["adaptflow.head_uri"])  # the version may come from another bucket
         head_path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors")
@@ -81,7 +81,7 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
     client = client_for(ctx.settings.mlflow_tracking_uri)
     name, version = registered["model_name"], registered["version"]
     challenger = client.get_model_version(name, version)
-    test = _read_frame(ctx, validated["test"])
+    test = read_frame(ctx, validated["test"])
     texts, labels = list(test["text"]), validated["labels"]
     index = {label: i for i, label in enumerate(labels)}
     y_true = test["label"].map(index).to_numpy()
@@ -89,17 +89,21 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
 
     with store_lock(ctx.store, f"promote/{name}"):
         champion = current_alias(client, name, CHAMPION)
-        champion_pred = None
-        if champion is not None and champion.version != version and RESCORE_TAGS <= set(champion.tags):
-            # a champion label the challenger does not know is simply a wrong answer on that row
-            predicted = score_version(ctx, champion, texts)
-            champion_pred = np.array([index.get(p, (y + 1) % len(labels)) for p, y in zip(predicted, y_true)])
-        if champion is not None and champion.version != version and not RESCORE_TAGS <= set(champion.tags):
+        if champion is not None and champion.version == version:
+            # a re-run of the gate for the champion itself: nothing to compare, nothing to move or audit
+            verdict = GateDecision("hold", f"v{version} is already the champion: nothing to compare, no alias moved",
+                                   config.gate.metric, {})
+        elif champion is not None and not RESCORE_TAGS <= set(champion.tags):
             # registered without the tags that make re-scoring possible: no evidence, a person decides
             verdict = GateDecision("hold", f"champion v{champion.version} cannot be re-scored (it lacks the tags "
                                    f"{sorted(RESCORE_TAGS - set(champion.tags))}); promote by hand if it should go",
                                    config.gate.metric, {})
         else:
+            champion_pred = None
+            if champion is not None:
+                # a champion label the challenger does not know is simply a wrong answer on that row
+                predicted = score_version(ctx, champion, texts)
+                champion_pred = np.array([index.get(p, (y + 1) % len(labels)) for p, y in zip(predicted, y_true)])
             verdict = decide(y_true, challenger_pred, champion_pred, labels, config.gate, seed=config.seed)
         if verdict.decision == "promote" and config.gate.smoke_test:
             smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())

@@ -64,7 +64,8 @@ def _cached(ctx: StageContext, prefix: str) -> dict | None:
     return None if manifest is None else manifest["meta"]
 
 
-def _read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
+def read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
+    """A stage's Parquet output as a DataFrame, checked against its manifest."""
     from adaptflow.data import read_parquet_bytes
     from adaptflow.store import parse_s3_uri
 
@@ -75,10 +76,12 @@ def _read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
 
 
 def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
-    """Resolve the encoder once: its digest keys every later stage; max_length is checked against its limit."""
-    from adaptflow.encoders import encoder_max_length, load_encoder, resolve_encoder
+    """Resolve the encoder once and pin it as a content-addressed S3 snapshot: every later stage, on whichever
+    machine, loads exactly that snapshot by ``ref`` + ``digest`` (and refuses other files); max_length is checked
+    against the encoder's limit."""
+    from adaptflow.encoders import encoder_max_length, load_encoder, snapshot_encoder
 
-    resolved = resolve_encoder(config.encoder.ref, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    resolved = snapshot_encoder(config.encoder.ref, ctx.store, cache_dir=ctx.settings.cache_dir)
     tokenizer, model = load_encoder(resolved)
     limit = encoder_max_length(tokenizer, model)
     if config.encoder.max_length > limit:
@@ -86,8 +89,16 @@ def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
             f"encoder.max_length={config.encoder.max_length} exceeds what encoder {config.encoder.ref} supports "
             f"({limit} positions); set encoder.max_length to at most {limit}"
         )
-    return {"ref": config.encoder.ref, "digest": resolved.digest, "source": resolved.source,
+    return {"ref": resolved.ref, "digest": resolved.digest, "source_ref": config.encoder.ref,
             "hidden_size": int(model.config.hidden_size), "max_positions": limit}
+
+
+def load_stage_encoder(ctx: StageContext, encoder: dict, *, device: str = "cpu"):
+    """(tokenizer, model) of the resolve stage's snapshot, verified against its digest before anything is written."""
+    from adaptflow.encoders import load_encoder, resolve_expected
+
+    resolved = resolve_expected(encoder["ref"], encoder["digest"], store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    return load_encoder(resolved, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -126,7 +137,7 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
     meta = _cached(ctx, prefix)
     if meta is None:
         source = ", ".join(s for s in snapshot["sources"] if s)
-        result = validate_split(_read_frame(ctx, snapshot["train"]), _read_frame(ctx, snapshot["test"]),
+        result = validate_split(read_frame(ctx, snapshot["train"]), read_frame(ctx, snapshot["test"]),
                                 rules=rules, source=source)
         meta = _publish_once(ctx, prefix, {
             "train.parquet": to_parquet_bytes(result.train),
@@ -155,14 +166,13 @@ def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
 
     from adaptflow.cache import text_sha256
     from adaptflow.embed import tokenize_ragged
-    from adaptflow.encoders import load_encoder, resolve_encoder
 
     prefix = f"tokens/{stage_key('tokenize', data=validated['digest'], encoder=encoder['digest'], max_length=config.encoder.max_length)}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        texts = pd.concat([_read_frame(ctx, validated["train"])["text"], _read_frame(ctx, validated["test"])["text"]])
+        texts = pd.concat([read_frame(ctx, validated["train"])["text"], read_frame(ctx, validated["test"])["text"]])
         texts = list(dict.fromkeys(texts))  # distinct, order kept
-        tokenizer, _ = load_encoder(resolve_encoder(encoder["ref"], store=ctx.store, cache_dir=ctx.settings.cache_dir))
+        tokenizer, _ = load_stage_encoder(ctx, encoder)
         started = time.perf_counter()
         ids = tokenize_ragged(tokenizer, texts, config.encoder.max_length)
         table = pa.table({"text_sha256": pa.array([text_sha256(t) for t in texts], pa.string()), "ids": ids.to_arrow()})
@@ -190,22 +200,23 @@ def _device(config: RunConfig) -> str:
     return config.encoder.device
 
 
-def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str,
-                      pooling: str, dtype: str, device: str, tokens_per_batch: int | None = None) -> float | None:
+def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
+                      tokens_per_batch: int | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
 
-    ``token_ids`` is a :class:`~adaptflow.embed.TokenIds` or a list of id lists, one per hash.
+    ``token_ids`` is a :class:`~adaptflow.embed.TokenIds` or a list of id lists, one per hash. The encoder at
+    ``encoder_ref`` must be the snapshot the cache is keyed on (its digest is checked before anything is
+    encoded), and pooling and dtype are the cache's own: vectors can only land under the key that describes them.
 
     Returns:
         tokens/s of the forward passes, or None when there was nothing to encode.
     """
     from adaptflow.embed import TokenIds, iter_encode
-    from adaptflow.encoders import load_encoder, resolve_encoder
 
     if not hashes:
         return None
-    _, model = load_encoder(resolve_encoder(encoder_ref, store=ctx.store, cache_dir=ctx.settings.cache_dir),
-                            device=device)
+    _, model = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]}, device=device)
+    pooling, dtype = cache.spec["pooling"], cache.spec["dtype"]
     hashes_array = np.asarray(hashes, dtype=object)  # pointers to the str objects, not 256 bytes a hash (<U64)
     started = time.perf_counter()
     n_tokens = len(token_ids.values) if isinstance(token_ids, TokenIds) else sum(map(len, token_ids))
@@ -239,8 +250,8 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     del table
     release_free_memory()  # the frames and temporaries above are garbage now: keep them out of the encode's peak
     tokens_per_s = encode_into_cache(
-        ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"],
-        pooling=config.encoder.pooling, dtype=dtype, device=device, tokens_per_batch=config.encoder.tokens_per_batch)
+        ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"], device=device,
+        tokens_per_batch=config.encoder.tokens_per_batch)
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
              n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
     return {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
@@ -258,7 +269,7 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
     from adaptflow.cache import text_sha256
     from adaptflow.rowfile import RowFile, in_memory_budget
 
-    frame = _read_frame(ctx, frame_uri)
+    frame = read_frame(ctx, frame_uri)
     hashes = [text_sha256(t) for t in frame["text"]]
     y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
     del frame
@@ -341,17 +352,14 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                    validated: dict, embedded: dict, head: dict, evaluation: dict) -> dict:
     """Log the run to MLflow, register the pyfunc model and set its aliases (idempotent per flow run)."""
     from adaptflow.data import frame_digest
-    from adaptflow.encoders import push_encoder
     from adaptflow.registry import DatasetInput, RunRecord, log_and_register
     from adaptflow.serving import ModelSpec
     from adaptflow.store import parse_s3_uri, sha256_file
 
-    encoder_ref = encoder["ref"]
-    if encoder["source"] == "path":  # a local folder is not portable: serve from a content-addressed S3 copy
-        encoder_ref, _ = push_encoder(encoder["ref"], config.name, ctx.store)
+    encoder_ref = encoder["ref"]  # the S3 snapshot the resolve stage pinned: portable, content-addressed
     spec_fields = dict(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
                        pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
-    train, test = _read_frame(ctx, validated["train"]), _read_frame(ctx, validated["test"])
+    train, test = read_frame(ctx, validated["train"]), read_frame(ctx, validated["test"])
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
     tags = {"adaptflow.data_digest": validated["digest"], "adaptflow.encoder_ref": encoder_ref,
             "adaptflow.encoder_digest": encoder["digest"], "adaptflow.labels": json.dumps(validated["labels"]),

@@ -321,21 +321,6 @@ class ArtifactStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, prefix, "LIST") from None
 
-    def put_content(self, data: bytes, *, prefix: str = "cas") -> tuple[str, str]:
-        """Store ``data`` under its sha256 (``prefix/<sha[:2]>/<sha>``); nothing is uploaded when present.
-
-        Returns:
-            (key, sha256 hex).
-        """
-        sha = hashlib.sha256(data).hexdigest()
-        key = _join(prefix, f"{sha[:2]}/{sha}")
-        if not self.exists(key):
-            try:
-                self.put_bytes(key, data, if_none_match=True)
-            except ConflictError:
-                pass  # a concurrent writer stored the same bytes first
-        return key, sha
-
     # ---- published prefixes --------------------------------------------------------------------------
 
     def publish(

@@ -74,6 +74,18 @@ def test_gate_rejects_promotes_holds_and_rollback_is_audited(services_env, fresh
     assert same["decision"] == "hold" and same["gate"]["delta"] == 0
     assert client.get_model_version_by_alias(NAME, "champion").version == better["version"]
 
+    # the gate re-run for the version that already is champion says so: no "first model" path, no audit entry
+    from adaptflow import stages
+    from adaptflow.promotion import gate_stage
+
+    ctx, full = stages.StageContext.from_env(), config(datasets, "full")
+    validated = stages.validate_stage(ctx, full, stages.ingest_stage(ctx, full))  # lookups of the run's outputs
+    moves = len(alias_history(client, NAME))
+    again = gate_stage(ctx, full, validated=validated,
+                       registered={"model_name": NAME, "version": better["version"], "run_id": better["run_id"]})
+    assert again["decision"] == "hold" and "already the champion" in again["reason"], again["reason"]
+    assert again["alias_move"] is None and len(alias_history(client, NAME)) == moves
+
     version = client.get_model_version(NAME, noisy["version"])
     recorded = json.loads(version.tags["adaptflow.gate"])
     assert version.tags["adaptflow.gate.decision"] == "reject" and recorded["p_value"] is not None

@@ -69,17 +69,6 @@ def test_failed_download_leaves_nothing(store, tmp_path):
     assert list(target.parent.iterdir()) == []
 
 
-def test_put_content_is_content_addressed(store):
-    calls = count_calls(store)
-    key, sha = store.put_content(b"same bytes")
-    assert sha == hashlib.sha256(b"same bytes").hexdigest()
-    assert key == f"cas/{sha[:2]}/{sha}"
-    assert store.put_content(b"same bytes") == (key, sha)
-    assert calls["PutObject"] == 1  # the second call only HEADs
-    assert store.get_bytes(key) == b"same bytes"
-    assert store.put_content(b"other", prefix="blobs")[0].startswith("blobs/")
-
-
 def test_publish_refuses_a_second_writer_and_verify_detects_tampering(store, tmp_path):
     (tmp_path / "w.bin").write_bytes(b"weights" * 1000)
     manifest = store.publish("runs/r1", {"a.json": b"{}", "sub/w.bin": tmp_path / "w.bin"}, meta={"run": 1})
