@@ -169,6 +169,15 @@ def test_bootstrap_memory_does_not_grow_with_resamples_times_rows():
     assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MB"
 
 
+def test_memory_benchmark_runs(capsys):
+    """benchmarks/gate_memory.py end to end on tiny data (its numbers are reported, never asserted)."""
+    from benchmarks import gate_memory
+
+    [result] = gate_memory.main(["--rows", "2000", "--bootstrap", "100", "--metric", "macro_f1"])
+    assert result["peak_rss_mb"] > 0 and result["decision"] in {"promote", "hold", "reject"}
+    assert "metric=macro_f1 rows=2000" in capsys.readouterr().out
+
+
 def test_rules_are_validated():
     with pytest.raises(ValueError, match="metric"):
         GateRules(metric="auc")
