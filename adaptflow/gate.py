@@ -1,20 +1,34 @@
-"""The promotion gate: champion vs challenger on the same test rows → promote, reject or hold.
+"""The promotion gate's statistics: champion vs challenger on the same test rows → promote, reject or hold.
 
 Both models are scored on identical rows, so their difference is measured *paired*: a bootstrap over rows
-resamples both predictions together (the CI of the metric difference), and McNemar's exact test looks only
-at the rows where exactly one model is right. A challenger is promoted only when it improves the primary
-metric by at least ``min_delta`` and the evidence excludes "no difference" at ``confidence``; it is rejected
-when it is worse, drops any class's recall by more than ``max_class_drop``, or misses an absolute floor.
+resamples both predictions together (bounds on the primary metric's difference), and McNemar's exact test
+looks only at the rows where exactly one model is right. Both metrics are higher-is-better, so "the direction
+of the primary metric" is up, and every test is **one-sided** at level ``1 − confidence``:
+
+- bootstrap: the challenger is *better* when the lower one-sided bound (the ``1 − confidence`` quantile of the
+  resampled differences) is above 0, *worse* when the upper one (the ``confidence`` quantile) is below 0.
+  ``ci_low``/``ci_high`` are those two bounds, i.e. together a two-sided interval at ``2·confidence − 1``;
+- McNemar: *better* when the challenger is right alone on significantly more discordant rows than the
+  champion (``binomtest(..., alternative="greater")``, reported as ``p_value``), *worse* when the reverse
+  holds (``p_value_worse``). McNemar compares accuracy, whatever the primary metric: with ``metric: macro_f1``
+  it can only confirm a macro-F1 gain when accuracy moves the same way.
+
+A challenger is promoted when it improves the primary metric by at least ``min_delta`` and every selected test
+says *better*; it is rejected when it is worse, drops any class's recall by more than ``max_class_drop``, misses
+an absolute floor, or when a selected test says it is significantly *worse* (the evidence contradicts a small
+gain in the primary metric, e.g. macro-F1 up a little while accuracy fell significantly); anything else is
+inconclusive (``on_inconclusive``). Scores come from :mod:`adaptflow.metrics`, the numbers MLflow shows.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from adaptflow.metrics import accuracy, class_scores, confusion_matrix, macro_f1
 
 METRICS = ("accuracy", "macro_f1")
 
@@ -26,7 +40,8 @@ class GateRules(BaseModel):
 
     metric: Literal["accuracy", "macro_f1"] = "macro_f1"
     min_delta: float = 0.0
-    confidence: float = Field(0.95, ge=0.5, lt=1.0)
+    confidence: float = Field(0.95, ge=0.5, lt=1.0,
+                              description="each test is one-sided at level 1 - confidence (see the module docstring)")
     test: Literal["bootstrap", "mcnemar", "both"] = "bootstrap"
     n_bootstrap: int = Field(1000, ge=100, description="resamples; fewer give an unusable interval")
     on_inconclusive: Literal["hold", "promote"] = "hold"
@@ -52,66 +67,88 @@ class GateDecision:
     ci_high: float | None = None
     p_value: float | None = None
     class_recall_deltas: dict[str, float] = field(default_factory=dict)
+    p_value_worse: float | None = None  # McNemar, one-sided the other way: "the challenger is right less often"
+    evidence: dict[str, str] = field(default_factory=dict)  # per test run: "better", "worse" or "inconclusive"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+BOOTSTRAP_BLOCK_VALUES = 1 << 20  # counts or confusion cells held per block of resamples: 8 MB of 8-byte values
 
 
-def _scores(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (classes absent from both sides score 0 F1, as sklearn)."""
-    tp = np.diag(confusion).astype(float)
-    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
-    denom = predicted + actual
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": float(tp.sum() / max(confusion.sum(), 1)), "macro_f1": float(f1.mean())}
+def _resample_counts(cells: np.ndarray, n: int, rng: np.random.Generator, block: int):
+    """Yield ``[b, len(cells)]`` blocks (``n`` resamples in all) of how often each cell is drawn.
 
-
-def _recalls(confusion: np.ndarray) -> np.ndarray:
-    actual = confusion.sum(axis=1)
-    return np.divide(np.diag(confusion), actual, out=np.zeros(len(actual)), where=actual > 0)
-
-
-def _batched_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
-    """Macro-F1 of each bootstrap resample; rows of ``y_true``/``y_pred`` are resamples."""
-    b = y_true.shape[0]
-    flat = (np.arange(b)[:, None] * k * k + y_true * k + y_pred).ravel()
-    confusion = np.bincount(flat, minlength=b * k * k).reshape(b, k, k).astype(float)
-    tp = np.diagonal(confusion, axis1=1, axis2=2)
-    denom = confusion.sum(axis=1) + confusion.sum(axis=2)
-    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0).mean(axis=1)
+    Resampling all rows with replacement and counting per cell is exactly a multinomial over the cells
+    (probabilities = cell share), so no per-row index array is ever built. ``Generator.multinomial`` consumes
+    its stream row by row: the same seed gives the same resamples for any ``block``.
+    """
+    total = int(cells.sum())
+    share = cells / total
+    for start in range(0, n, block):
+        yield rng.multinomial(total, share, size=min(block, n - start))
 
 
 def paired_bootstrap(y_true, challenger, champion, k: int, metric: str, *, n: int, confidence: float,
-                     seed: int = 0) -> tuple[float, float]:
-    """Percentile CI of metric(challenger) − metric(champion), resampling rows jointly."""
+                     seed: int = 0, block: int | None = None) -> tuple[float, float]:
+    """One-sided bounds of metric(challenger) − metric(champion) at ``confidence``, resampling rows jointly.
+
+    Returns ``(low, high)``: the ``1 − confidence`` and ``confidence`` quantiles of ``n`` resampled
+    differences. A row matters only through its (truth, challenger, champion) triple, so the rows are first
+    grouped into those (at most ``k³``, usually a handful) cells; each resample is a count per cell. Memory is
+    ``O(block × max(cells, k²))`` whatever the number of rows; ``block`` (resamples per block) defaults to
+    what fits :data:`BOOTSTRAP_BLOCK_VALUES`.
+    """
+    y_true, challenger, champion = (np.asarray(v, dtype=np.int64) for v in (y_true, challenger, champion))
+    if len(y_true) == 0:
+        return 0.0, 0.0
+    codes, cells = np.unique((y_true * k + challenger) * k + champion, return_counts=True)
+    truth, a, b = codes // (k * k), (codes // k) % k, codes % k
+    block = block or max(1, BOOTSTRAP_BLOCK_VALUES // max(len(codes), k * k))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y_true), size=(n, len(y_true)))
-    yt, a, b = y_true[idx], challenger[idx], champion[idx]
+    diffs = []
     if metric == "accuracy":
-        diffs = (a == yt).mean(axis=1) - (b == yt).mean(axis=1)
+        gain = (a == truth).astype(np.int64) - (b == truth)  # +1 only the challenger right, −1 only the champion
+        for counts in _resample_counts(cells, n, rng, block):
+            diffs.append(counts @ gain / len(y_true))
     else:
-        diffs = _batched_macro_f1(yt, a, k) - _batched_macro_f1(yt, b, k)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
+        from scipy.sparse import csr_matrix
+
+        def to_confusions(predicted: np.ndarray):  # [cells] → sparse map of cell counts onto confusion cells
+            return csr_matrix((np.ones(len(codes)), (truth * k + predicted, np.arange(len(codes)))),
+                              shape=(k * k, len(codes)))
+
+        onto_a, onto_b = to_confusions(a), to_confusions(b)
+        for counts in _resample_counts(cells, n, rng, block):
+            conf_a = (onto_a @ counts.T).T.reshape(-1, k, k)
+            conf_b = (onto_b @ counts.T).T.reshape(-1, k, k)
+            diffs.append(macro_f1(conf_a) - macro_f1(conf_b))
+    diffs = np.concatenate(diffs)
+    return float(np.quantile(diffs, 1 - confidence)), float(np.quantile(diffs, confidence))
 
 
-def mcnemar_p(y_true, challenger, champion) -> float:
-    """Two-sided exact McNemar p-value over the discordant rows."""
-    a_right, b_right = challenger == y_true, champion == y_true
+def mcnemar_p(y_true, challenger, champion, alternative: Literal["greater", "less"] = "greater") -> float:
+    """One-sided exact McNemar p-value: ``greater`` tests "the challenger is right more often", ``less`` the reverse.
+
+    Over the discordant rows (exactly one model right), the challenger's share is Binomial(n, ½) when both
+    are equally accurate; 1.0 when there are no discordant rows.
+    """
+    from scipy.stats import binomtest
+
+    a_right, b_right = np.asarray(challenger) == y_true, np.asarray(champion) == y_true
     only_a, only_b = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
-    n = only_a + only_b
-    if n == 0:
+    if only_a + only_b == 0:
         return 1.0
-    # P(X <= min) under Binomial(n, 1/2), in log space so large n stays finite
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(min(only_a, only_b) + 1)]
-    top = max(log_terms)
-    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
-    return float(min(1.0, 2 * tail))
+    return float(binomtest(only_a, only_a + only_b, 0.5, alternative=alternative).pvalue)
+
+
+def _scores(confusion: np.ndarray) -> dict[str, float]:
+    return {"accuracy": float(accuracy(confusion)), "macro_f1": float(macro_f1(confusion))}
+
+
+def _verdict(significant_up: bool, significant_down: bool) -> str:
+    return "better" if significant_up else "worse" if significant_down else "inconclusive"
 
 
 def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: GateRules, *, seed: int = 0) -> GateDecision:
@@ -123,7 +160,7 @@ def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: Gat
     """
     y_true, challenger_pred = np.asarray(y_true), np.asarray(challenger_pred)
     k = len(labels)
-    conf_a = _confusion(y_true, challenger_pred, k)
+    conf_a = confusion_matrix(y_true, challenger_pred, k)
     scores_a = _scores(conf_a)
     below = {m: v for m, v in rules.min_metric.items() if scores_a[m] < v}
     if below:
@@ -133,17 +170,26 @@ def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: Gat
         return GateDecision("promote", "first model of this name (clears the floors)", rules.metric, scores_a)
 
     champion_pred = np.asarray(champion_pred)
-    conf_b = _confusion(y_true, champion_pred, k)
+    conf_b = confusion_matrix(y_true, champion_pred, k)
     scores_b = _scores(conf_b)
-    recall_deltas = {label: round(float(d), 6) for label, d in zip(labels, _recalls(conf_a) - _recalls(conf_b))}
+    recall_change = class_scores(conf_a)[1] - class_scores(conf_b)[1]
+    recall_deltas = {label: round(float(d), 6) for label, d in zip(labels, recall_change)}
     delta = scores_a[rules.metric] - scores_b[rules.metric]
     low, high = paired_bootstrap(y_true, challenger_pred, champion_pred, k, rules.metric,
                                  n=rules.n_bootstrap, confidence=rules.confidence, seed=seed)
-    p = mcnemar_p(y_true, challenger_pred, champion_pred)
+    p = mcnemar_p(y_true, challenger_pred, champion_pred, "greater")
+    p_worse = mcnemar_p(y_true, challenger_pred, champion_pred, "less")
+    alpha = 1 - rules.confidence
+    needed = ["bootstrap", "mcnemar"] if rules.test == "both" else [rules.test]
+    evidence = {"bootstrap": _verdict(low > 0, high < 0), "mcnemar": _verdict(p < alpha, p_worse < alpha)}
+    evidence = {t: evidence[t] for t in needed}
     verdict = GateDecision("hold", "", rules.metric, scores_a, scores_b, round(delta, 6), round(low, 6),
-                           round(high, 6), round(p, 6), recall_deltas)
+                           round(high, 6), round(p, 6), recall_deltas, round(p_worse, 6), evidence)
+    numbers = (f"one-sided bounds [{low:+.4f}, {high:+.4f}], McNemar p(better)={p:.3g} p(worse)={p_worse:.3g}, "
+               f"at confidence {rules.confidence}")
 
     dropped = {label: d for label, d in recall_deltas.items() if d < -rules.max_class_drop}
+    worse = [t for t, e in evidence.items() if e == "worse"]
     if dropped:
         verdict.decision = "reject"
         verdict.reason = "recall dropped beyond max_class_drop={}: {}".format(
@@ -151,16 +197,19 @@ def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: Gat
     elif delta < rules.min_delta:
         verdict.decision = "reject"
         verdict.reason = f"{rules.metric} changed by {delta:+.4f}, less than min_delta={rules.min_delta}"
+    elif worse:
+        # the gain is too small to stand against significant evidence the other way: not a case for a person
+        # to weigh (hold) or for on_inconclusive=promote to wave through
+        what = {"bootstrap": f"{rules.metric} (bootstrap)", "mcnemar": "accuracy (McNemar)"}
+        verdict.decision = "reject"
+        verdict.reason = (f"{rules.metric} changed by {delta:+.4f}, but the challenger is significantly worse in "
+                          f"{' and '.join(what[t] for t in worse)}: accuracy {scores_a['accuracy']:.4f} vs "
+                          f"{scores_b['accuracy']:.4f}; {numbers}")
+    elif all(e == "better" for e in evidence.values()):
+        verdict.decision = "promote"
+        verdict.reason = f"{rules.metric} improved by {delta:+.4f}; {numbers}"
     else:
-        evidence = {"bootstrap": low > 0, "mcnemar": p < 1 - rules.confidence}
-        needed = ["bootstrap", "mcnemar"] if rules.test == "both" else [rules.test]
-        if all(evidence[t] for t in needed):
-            verdict.decision = "promote"
-            verdict.reason = (f"{rules.metric} improved by {delta:+.4f} (CI [{low:+.4f}, {high:+.4f}], "
-                              f"McNemar p={p:.3g}) at confidence {rules.confidence}")
-        else:
-            verdict.decision = "promote" if rules.on_inconclusive == "promote" else "hold"
-            verdict.reason = (f"inconclusive: {rules.metric} {delta:+.4f} but CI [{low:+.4f}, {high:+.4f}] / "
-                              f"McNemar p={p:.3g} does not exclude no difference at {rules.confidence}; "
-                              f"on_inconclusive={rules.on_inconclusive}")
+        verdict.decision = "promote" if rules.on_inconclusive == "promote" else "hold"
+        verdict.reason = (f"inconclusive: {rules.metric} {delta:+.4f} but {'/'.join(needed)} does not show an "
+                          f"improvement ({numbers}); on_inconclusive={rules.on_inconclusive}")
     return verdict

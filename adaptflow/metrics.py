@@ -1,7 +1,13 @@
 """Classification metrics from probabilities: accuracy, macro-F1, per-class scores, confusion, calibration.
 
 Plain numpy (scikit-learn is a dev-only dependency; the tests check these numbers against it). A class with
-no predictions or no support gets precision/recall 0 rather than NaN, as sklearn's ``zero_division=0``.
+no predictions or no support gets precision/recall/F1 0 rather than NaN, as sklearn's ``zero_division=0``.
+
+This is the project's one definition of the scores: evaluate (``compute_metrics``, hence MLflow's metrics),
+the gate's decision, its bootstrap resamples and its floors (``min_metric``) all call the functions below.
+Macro-F1 is the mean F1 over **the model's label set** (all ``labels``, in order): a class that neither occurs
+in the test rows nor is predicted contributes F1 0, as sklearn's
+``f1_score(y, pred, labels=range(k), average="macro", zero_division=0)``.
 """
 
 from __future__ import annotations
@@ -29,18 +35,13 @@ def compute_metrics(y_true: Sequence[int], proba: np.ndarray, labels: Sequence[s
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise ValueError(f"y_true must hold indices into the {k} labels; got {y.min()}..{y.max()}")
     pred = proba.argmax(axis=1)
-    confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-    tp = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    # macro-F1 over the classes present in y_true or predicted (sklearn's default label set)
-    seen = (support > 0) | (predicted > 0)
+    confusion = confusion_matrix(y, pred, k)
+    precision, recall, f1 = class_scores(confusion)
+    support = confusion.sum(axis=1)
     return {
         "n": int(len(y)),
-        "accuracy": float(tp.sum() / len(y)) if len(y) else 0.0,
-        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+        "accuracy": float(accuracy(confusion)),
+        "macro_f1": float(macro_f1(confusion)),
         "ece": expected_calibration_error(y, proba),
         "per_class": {
             str(label): {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
@@ -49,6 +50,39 @@ def compute_metrics(y_true: Sequence[int], proba: np.ndarray, labels: Sequence[s
         },
         "confusion": confusion.tolist(),
     }
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], k: int) -> np.ndarray:
+    """Counts ``[k, k]`` (rows = true, columns = predicted) of label indices ``0..k-1``."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def class_scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 of a confusion ``[k, k]`` or of a stack of them ``[..., k, k]``.
+
+    F1 is ``2·tp / (support + predicted)`` (equal to ``2PR / (P + R)``), 0 where the class has neither.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support, predicted = cm.sum(axis=-1), cm.sum(axis=-2)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    both = support + predicted
+    f1 = np.divide(2 * tp, both, out=np.zeros_like(tp), where=both > 0)
+    return precision, recall, f1
+
+
+def accuracy(confusion: np.ndarray) -> float | np.ndarray:
+    """Share of rows on the diagonal (0 for no rows), per confusion of a stack ``[..., k, k]``."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    total = cm.sum(axis=(-2, -1))
+    return np.divide(np.trace(cm, axis1=-2, axis2=-1), total, out=np.zeros_like(total), where=total > 0)
+
+
+def macro_f1(confusion: np.ndarray) -> float | np.ndarray:
+    """Mean F1 over all ``k`` labels of the confusion (see the module docstring), per confusion of a stack."""
+    return class_scores(confusion)[2].mean(axis=-1)
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> float:

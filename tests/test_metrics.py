@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from adaptflow.gate import GateRules, decide
 from adaptflow.metrics import (
+    accuracy,
+    class_scores,
     compute_metrics,
     confusion_matrix_figure,
     expected_calibration_error,
     flat_metrics,
+    macro_f1,
     metric_name,
     report_markdown,
 )
@@ -29,20 +33,55 @@ def random_case(n=500, k=4, seed=0):
 @pytest.mark.parametrize("k, absent", [(2, None), (4, None), (5, 4)])
 def test_matches_sklearn(k, absent):
     y, proba = random_case(k=k, seed=k)
-    if absent is not None:  # a label nobody has nor predicts: zero row/column, left out of macro-F1 like sklearn
+    if absent is not None:  # a label nobody has nor predicts: zero row/column, F1 0 in the macro mean
         proba[:, absent] = 0.0
         y = np.where(y == absent, 0, y)
     labels = [f"c{i}" for i in range(k)]
     m = compute_metrics(y, proba, labels)
     pred = proba.argmax(1)
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
-    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, labels=range(k), average="macro", zero_division=0))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(k), zero_division=0)
     for i, label in enumerate(labels):
         assert m["per_class"][label] == pytest.approx({"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]})
     assert m["confusion"] == confusion_matrix(y, pred, labels=range(k)).tolist()
     assert m["n"] == len(y)
     assert json.loads(json.dumps(m)) == m  # plain Python types: stored as metrics.json as is
+
+
+def test_one_macro_f1_for_evaluate_gate_floors_and_mlflow():
+    """A test set without class 'c2' that nobody predicts either: evaluate (hence MLflow) averaged macro-F1 over
+    the 2 classes present (0.8x), the gate over the model's 3 labels (0.5x); a floor between the two rejected a
+    model whose logged macro-F1 clears it. Now all of them use the model's label set."""
+    labels = ["c0", "c1", "c2"]
+    y, proba = random_case(n=300, k=3, seed=3)
+    proba[:, 2] = 0.0
+    y = np.where(y == 2, 1, y)
+    pred = proba.argmax(1)
+    expected = f1_score(y, pred, labels=range(3), average="macro", zero_division=0)
+    logged = flat_metrics(compute_metrics(y, proba, labels))["macro_f1"]  # what evaluate logs to MLflow
+    gate = decide(y, pred, None, labels, GateRules())
+    assert logged == pytest.approx(expected) and gate.challenger["macro_f1"] == pytest.approx(expected)
+    assert gate.challenger["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    # a floor just under the number MLflow shows is cleared, just over it is not
+    assert decide(y, pred, None, labels, GateRules(min_metric={"macro_f1": logged - 1e-9})).decision == "promote"
+    assert decide(y, pred, None, labels, GateRules(min_metric={"macro_f1": logged + 1e-9})).decision == "reject"
+
+
+def test_scores_of_a_stack_of_confusions_match_one_by_one():
+    rng = np.random.default_rng(5)
+    stack = rng.integers(0, 20, size=(6, 4, 4))
+    stack[0] = 0  # no rows at all
+    stack[1, 3, :] = stack[1, :, 3] = 0  # a class with neither support nor predictions
+    assert accuracy(stack)[0] == macro_f1(stack)[0] == 0.0 and not np.any(class_scores(stack)[2][0])
+    for i, cm in enumerate(stack[1:], start=1):
+        y = np.repeat(np.repeat(np.arange(4), 4), cm.ravel())
+        pred = np.repeat(np.tile(np.arange(4), 4), cm.ravel())
+        assert accuracy(stack)[i] == pytest.approx(accuracy_score(y, pred))
+        assert macro_f1(stack)[i] == pytest.approx(f1_score(y, pred, labels=range(4), average="macro", zero_division=0))
+        p, r, f, _ = precision_recall_fscore_support(y, pred, labels=range(4), zero_division=0)
+        assert np.allclose(class_scores(stack)[0][i], p) and np.allclose(class_scores(stack)[1][i], r)
+        assert np.allclose(class_scores(stack)[2][i], f)
 
 
 def test_ece_by_hand():
