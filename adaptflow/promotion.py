@@ -141,7 +141,9 @@ def gate_markdown(result: dict) -> str:
         lines.append(f"| {metric} | {value:.4f} | {'' if other is None else f'{other:.4f}'} |")
     if result.get("delta") is not None:
         lines += ["", f"Δ {result['metric']} = {result['delta']:+.4f}, CI [{result['ci_low']:+.4f}, "
-                      f"{result['ci_high']:+.4f}], McNemar p = {result['p_value']:.4g}"]
+                      f"{result['ci_high']:+.4f}] (each bound one-sided), McNemar one-sided p = {result['p_value']:.4g}"]
+    if result.get("evidence"):
+        lines += ["", "Evidence per test: " + ", ".join(f"{t} {e}" for t, e in result["evidence"].items())]
     if result.get("class_recall_deltas"):
         lines += ["", "| class | Δ recall |", "| --- | --- |"]
         lines += [f"| {label} | {d:+.4f} |" for label, d in result["class_recall_deltas"].items()]
