@@ -246,3 +246,20 @@ def test_retrain_over_an_s3_prefix_grouped_by_partition_key(flow_env, s3_client,
     sides = {name: set(pd.read_parquet(io.BytesIO(store.get_bytes(f"{prefix}/{name}.parquet")))["group"])
              for name in ("train", "test")}
     assert sides["train"] | sides["test"] == set(days) and not sides["train"] & sides["test"]  # split by day
+
+
+def test_example_lake_holds_the_example_csv_rows():
+    """examples/data/rotten_tomatoes_lake (examples/partition_lake.py) reads as the same rows as the CSV."""
+    from adaptflow.data import prepare_frame, read_table
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    config = load_config(root / "rotten_tomatoes_partitioned.yaml")
+    lake = read(config.data.train, group_column="movie_name")
+    csv = root / "data" / "rotten_tomatoes.csv"
+    one = prepare_frame(read_table(csv), text_column="text", label_column="label", group_column="movie_name",
+                        source=str(csv))
+    assert len(lake.partitions) == 4 and [p["keys"]["dt"] for p in lake.partitions] == DAYS_EXAMPLE
+    pd.testing.assert_frame_equal(lake.frame[["text", "label", "group"]], one[["text", "label", "group"]])
+
+
+DAYS_EXAMPLE = ["2026-11-27", "2026-11-28", "2026-11-29", "2026-11-30"]
