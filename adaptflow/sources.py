@@ -93,13 +93,10 @@ def read_source(location: str | os.PathLike | list[str], *, text_column: str, la
     items = [location] if isinstance(location, (str, os.PathLike)) else list(location)
     for item in items:
         reader.add(os.fspath(item))
-    if not reader.frames:
-        raise DataError(f"{describe(location)}: no data rows in {len(reader.partitions)} partition(s). "
-                        f"Add data files or point at the right location.")
-    frame = pd.concat(reader.frames, ignore_index=True) if len(reader.frames) > 1 else reader.frames[0]
     if reader.total == 0:
         raise DataError(f"{describe(location)}: no data rows in {len(reader.partitions)} partition(s). "
                         f"Add data rows or point at the right location.")
+    frame = pd.concat(reader.frames, ignore_index=True) if len(reader.frames) > 1 else reader.frames[0]
     return SourceRows(frame.reset_index(drop=True), reader.partitions)
 
 
@@ -140,6 +137,9 @@ class _Reader:
 
     def add(self, location: str) -> None:
         kind = location_kind(location)
+        if kind == "file" and "://" not in location and not Path(location).exists() and "." not in Path(location).name:
+            raise DataError(f"{location}: no such file or folder (looked for {Path(location).resolve()}). Check the "
+                            f"path in data.train/data.test (relative paths are relative to the config file).")
         if kind == "file":
             self._one_file(location)
         elif kind in ("hf_disk", "hf_hub"):
@@ -173,9 +173,8 @@ class _Reader:
     def _partition(self, part: _Partition, location: str) -> None:
         keys = part.keys
         if part.path.lower().endswith(".parquet"):
-            columns, batches = self._parquet_batches(part, location)
-            self._check_columns(part.path, columns + list(keys))
-            self._need_columns(location, columns + list(keys))
+            names, batches = self._parquet_batches(part)
+            self._columns_of(part, location, names)
             frames, start = [], 0
             for batch in batches:
                 frame = batch.to_pandas()
@@ -185,11 +184,20 @@ class _Reader:
             prepared = (pd.concat(frames) if len(frames) > 1 else frames[0]) if frames else _empty_frame()
         else:  # CSV/TSV/JSONL(.gz): the one-file reader, one partition in memory at a time
             frame = read_table(part.path, store=self.store)
-            self._check_columns(part.path, [str(c) for c in frame.columns] + list(keys))
-            self._need_columns(location, [str(c) for c in frame.columns] + list(keys))
+            self._columns_of(part, location, [str(c) for c in frame.columns])
             frame = frame[[c for c in self._wanted() if c in frame.columns]]
             prepared = prepare_frame(_with_keys(frame, keys), source=part.path, **self.columns)
         self._record(part, _format_name(part.path), prepared)
+
+    def _columns_of(self, part: _Partition, location: str, names: list[str]) -> None:
+        """Check a partition's columns (file columns + Hive keys): no clash, same as the others, the needed ones."""
+        clash = [k for k in part.keys if k in names]
+        if clash:
+            raise DataError(f"{part.path}: partition key(s) {', '.join(map(repr, clash))} are also columns of the "
+                            f"file; rename the folder key or the column.")
+        columns = names + list(part.keys)
+        self._check_columns(part.path, columns)
+        self._need_columns(location, columns)
 
     def _record(self, part: _Partition, fmt: str, prepared: pd.DataFrame) -> None:
         rows = len(prepared)
@@ -229,7 +237,8 @@ class _Reader:
 
     # ---- Parquet through pyarrow.dataset
 
-    def _parquet_batches(self, part: _Partition, location: str):
+    def _parquet_batches(self, part: _Partition):
+        """The file's column names and an iterator over record batches of the needed ones."""
         import pyarrow as pa
         import pyarrow.dataset as ds
 
@@ -240,8 +249,9 @@ class _Reader:
             dataset = ds.dataset(path, format="parquet", filesystem=fs)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise self._read_error(part.path, e, s3) from None
-        names = [n for n in dataset.schema.names if n not in part.keys]
-        wanted = [c for c in self._wanted() if c in names]
+        # (a non-range index pandas stored as a column is not data)
+        names = [n for n in dataset.schema.names if not n.startswith("__index_level_")]
+        wanted = [c for c in self._wanted() if c in names and c not in part.keys]
 
         def batches() -> Iterator:
             try:
@@ -466,11 +476,9 @@ def _hive_keys(relative: str, path: str) -> dict[str, str]:
 
 
 def _with_keys(frame: pd.DataFrame, keys: dict[str, str]) -> pd.DataFrame:
+    """The Hive keys as string columns."""
     if not keys:
         return frame
-    clash = [k for k in keys if k in frame.columns]
-    if clash:
-        raise DataError(f"partition key(s) {', '.join(map(repr, clash))} also a column in the file; rename one.")
     return frame.assign(**{k: pd.Series([v] * len(frame), index=frame.index, dtype=object) for k, v in keys.items()})
 
 

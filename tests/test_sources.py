@@ -112,6 +112,10 @@ def test_local_glob_and_a_list_of_locations(tmp_path):
     both = read([str(lake / "dt=2026-11-30"), str(extra)])
     assert len(both.frame) == 24 and [p["rows"] for p in both.partitions] == [12, 12]
     assert both.frame["row"].tolist() == list(range(1, 25))
+    with pytest.raises(DataError, match="no-lake: no such file or folder"):
+        read([str(lake), str(tmp_path / "no-lake")])
+    with pytest.raises(DataError, match="no data file .* matches this glob"):
+        read(str(lake / "dt=2025-*" / "*"))
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
