@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,11 +24,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Locations = Annotated[list[str], Field(min_length=1)]
+
+
 class DataSection(_Section):
     """Where the labelled rows come from and how to split them."""
 
-    train: str = Field(description="CSV/JSONL/Parquet file, local path or s3:// URI")
-    test: str | None = Field(None, description="optional separate test file; else a split of `train`")
+    train: str | Locations = Field(
+        description="CSV/JSONL/Parquet file, folder or s3:// prefix of partitions, glob, HF dataset, or a list of these")
+    test: str | Locations | None = Field(None, description="optional separate test location; else a split of `train`")
     text_column: str = "text"
     label_column: str = "label"
     group_column: str | None = Field(None, description="rows sharing a group never straddle the split")
@@ -201,9 +205,12 @@ def load_config(location: str | Path, overrides: list[str] | None = None) -> Run
 
 def resolve_relative_paths(config: RunConfig, base: Path) -> RunConfig:
     """Data paths in a local config are relative to the config file (so it works from any directory)."""
+    def resolve(value: str) -> str:
+        return value if "://" in value or Path(value).is_absolute() else str((base / value).resolve())
+
     data = config.data
     for field in ("train", "test"):
         value = getattr(data, field)
-        if value and "://" not in value and not Path(value).is_absolute():
-            data = data.model_copy(update={field: str((base / value).resolve())})
+        if value:
+            data = data.model_copy(update={field: resolve(value) if isinstance(value, str) else list(map(resolve, value))})
     return config.model_copy(update={"data": data})

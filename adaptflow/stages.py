@@ -27,7 +27,7 @@ from adaptflow.store import ArtifactStore, ConflictError
 log = logging.getLogger("adaptflow")
 
 # Bump a stage's version when its code changes what it writes: old outputs then stop matching.
-STAGE_VERSIONS = {"ingest": 1, "validate": 1, "tokenize": 2, "train": 1, "evaluate": 2}
+STAGE_VERSIONS = {"ingest": 2, "validate": 1, "tokenize": 2, "train": 1, "evaluate": 2}
 
 
 @dataclass
@@ -105,22 +105,35 @@ def load_stage_encoder(ctx: StageContext, encoder: dict, *, device: str = "cpu")
 
 
 def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
-    """Read, normalise and split the source data; snapshot train/test as Parquet under their content digest."""
-    from adaptflow.data import frame_digest, prepare_frame, read_table, split_frame, to_parquet_bytes
+    """Read, normalise and split the source data; snapshot train/test as Parquet under their content digest.
+
+    ``data.train``/``data.test`` may be a file, a folder/prefix of partitions, a glob, a Hugging Face dataset or
+    a list (``adaptflow.sources``); the manifest lists every partition read (path, size, ETag, rows), and the
+    snapshot's key covers that listing as well as the rows' digest.
+    """
+    from adaptflow.data import frame_digest, split_frame, to_parquet_bytes
+    from adaptflow.sources import describe, partition_summary, read_source
 
     d = config.data
     columns = dict(text_column=d.text_column, label_column=d.label_column, group_column=d.group_column)
-    train = prepare_frame(read_table(d.train, store=ctx.store), source=d.train, **columns)
+    source = dict(store=ctx.store, settings=ctx.settings)
+    read = read_source(d.train, split="train", **columns, **source)
+    train, partitions = read.frame, {"train": read.partitions, "test": []}
     if d.test:
-        test = prepare_frame(read_table(d.test, store=ctx.store), source=d.test, **columns)
+        read = read_source(d.test, split="test", **columns, **source)
+        test, partitions["test"] = read.frame, read.partitions
     else:
-        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, source=d.train)
+        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, source=describe(d.train))
+    del read
+    log.info("ingest: train %s; test %s", partition_summary(partitions["train"]),
+             partition_summary(partitions["test"]) if d.test else "split from train")
     digest = frame_digest(pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True))
-    prefix = f"snapshots/{stage_key('ingest', digest=digest)}"
+    prefix = f"snapshots/{stage_key('ingest', digest=digest, partitions=partitions)}"
     meta = _cached(ctx, prefix) or _publish_once(
         ctx, prefix,
         {"train.parquet": to_parquet_bytes(train), "test.parquet": to_parquet_bytes(test)},
-        {"digest": digest, "sources": [d.train, d.test], "rows": {"train": len(train), "test": len(test)}},
+        {"digest": digest, "sources": [describe(d.train), describe(d.test)], "partitions": partitions,
+         "rows": {"train": len(train), "test": len(test)}},
     )
     return {"snapshot": ctx.store.uri(prefix), **meta,
             "train": ctx.store.uri(f"{prefix}/train.parquet"), "test": ctx.store.uri(f"{prefix}/test.parquet")}
