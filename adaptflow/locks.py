@@ -69,11 +69,6 @@ class Lease:
         """
         self._write(self._body)
 
-    @property
-    def lost(self) -> str | None:
-        """Why the lease is known to be lost, or None while it is believed held."""
-        return self._lost
-
     # ---- internals ------------------------------------------------------------------------------------
 
     def _write(self, body: dict) -> None:
@@ -135,8 +130,10 @@ def store_lock(store: ArtifactStore, name: str, *, ttl_seconds: float = 120, wai
     key = f"locks/{name}"
     body = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "ttl": ttl_seconds,
             "acquired": time.time(), "beat": 0}
-    deadline = time.monotonic() + wait_seconds
-    seen, seen_since = None, time.monotonic()  # the lease generation (ETag) we watch, and since when (our clock)
+    started = time.monotonic()
+    deadline = started + wait_seconds
+    seen, seen_since = None, started  # the lease generation (ETag) we watch, and since when (our clock)
+    generations = 0  # how many we saw: more than one means the holder renewed while we waited
     while True:
         try:
             etag = store.put_bytes(key, json.dumps(body).encode(), if_none_match=True)
@@ -146,7 +143,7 @@ def store_lock(store: ArtifactStore, name: str, *, ttl_seconds: float = 120, wai
         holder, current = _read_lease(store, key)
         now = time.monotonic()
         if current != seen:
-            seen, seen_since = current, now
+            seen, seen_since, generations = current, now, generations + 1
         if holder is not None:
             ttl = _number(holder.get("ttl"), ttl_seconds)
             abandoned = now - seen_since > ttl
@@ -160,11 +157,11 @@ def store_lock(store: ArtifactStore, name: str, *, ttl_seconds: float = 120, wai
                 except ConflictError:
                     continue  # another waiter took it first, or the holder renewed it just now
         if now > deadline:
-            raise LockTimeout(
-                f"lock s3://{store.bucket}/{key} held by {holder and holder.get('owner')} for more than "
-                f"{wait_seconds:.0f}s, and renewed meanwhile; a holder that is gone stops renewing, and its lease "
-                f"is taken over once it stayed unchanged for its ttl ({holder and holder.get('ttl')} s)"
-            )
+            why = ("it was renewed meanwhile (its holder is alive and working)" if generations > 1 else
+                   f"it has not changed for the {now - seen_since:.0f} s we watched; a lease is taken over once "
+                   f"unchanged for its ttl ({holder and holder.get('ttl')} s): raise wait_seconds above that")
+            raise LockTimeout(f"lock s3://{store.bucket}/{key} held by {holder and holder.get('owner')} for more "
+                              f"than {wait_seconds:.0f}s: {why}")
         time.sleep(poll_seconds)
     lease = Lease(store, key, body, etag)
     lease._thread.start()

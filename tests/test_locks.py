@@ -1,7 +1,7 @@
 """The promotion lease (adaptflow.locks) against the session's real SeaweedFS: renewed while held, fenced before
 the alias move, and judged abandoned only by the waiter's own clock.
 
-Short ttls (2-3 s) keep these quick; a paused holder is a real process stopped with SIGSTOP.
+Short ttls (2-4 s) keep these quick; a paused holder is a real process stopped with SIGSTOP.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def test_paused_holder_cannot_move_champion_after_another_run_took_over(store, t
 
 def test_renewed_lease_is_kept_well_past_its_ttl(store):
     name = f"renewed-{uuid.uuid4().hex[:8]}"
-    with store_lock(store, name, ttl_seconds=3, poll_seconds=0.1) as lease:
+    with store_lock(store, name, ttl_seconds=4, poll_seconds=0.1) as lease:
         first = lease_body(store, name)
-        with pytest.raises(LockTimeout, match="renewed meanwhile"):  # waits over 3 ttls: never takes it over
-            with store_lock(store, name, ttl_seconds=3, wait_seconds=10, poll_seconds=0.1):
+        with pytest.raises(LockTimeout, match="renewed meanwhile"):  # waits 3 ttls: never takes it over
+            with store_lock(store, name, ttl_seconds=4, wait_seconds=12, poll_seconds=0.1):
                 pytest.fail("a waiter took over a lease its holder kept renewing")
         lease.fence()  # still ours
         assert lease_body(store, name)["owner"] == first["owner"] == lease.owner
@@ -102,7 +102,7 @@ def test_waiter_ignores_the_holders_wall_clock(store):
     """A holder on another machine whose clock is a month off: its ``acquired`` time decides nothing."""
     key, month = "locks/skewed", 30 * 24 * 3600
     # a live holder whose clock is a month behind (and renews every 0.5 s): never taken over
-    body = {"owner": "far-host:1:behind", "ttl": 2, "acquired": time.time() - month, "beat": 0}
+    body = {"owner": "far-host:1:behind", "ttl": 4, "acquired": time.time() - month, "beat": 0}
     etag = store.put_bytes(key, json.dumps(body).encode(), if_none_match=True)
     stop = threading.Event()
 
@@ -115,8 +115,8 @@ def test_waiter_ignores_the_holders_wall_clock(store):
     beats = threading.Thread(target=renew, daemon=True)
     beats.start()
     try:
-        with pytest.raises(LockTimeout):
-            with store_lock(store, "skewed", ttl_seconds=2, wait_seconds=8, poll_seconds=0.1):
+        with pytest.raises(LockTimeout, match="renewed meanwhile"):
+            with store_lock(store, "skewed", ttl_seconds=4, wait_seconds=10, poll_seconds=0.1):
                 pytest.fail("a waiter took over a renewed lease because the holder's clock is behind")
     finally:
         stop.set()
