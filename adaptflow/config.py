@@ -39,6 +39,8 @@ class DataSection(_Section):
     test_size: float = Field(0.2, gt=0.0, lt=1.0)
     min_class_count: int = Field(2, ge=1, description="classes rarer than this in train are quarantined")
     max_quarantine_fraction: float = Field(0.5, gt=0.0, le=1.0, description="fail above this share of bad rows")
+    label_case: Literal["error", "fold"] = Field(
+        "error", description="labels equal but for case/spacing (fresh, FRESH): fail, or fold into the most frequent")
 
 
 class EncoderSection(_Section):

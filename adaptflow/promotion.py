@@ -87,7 +87,7 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
     y_true = test["label"].map(index).to_numpy()
     challenger_pred = np.array([index[p] for p in score_version(ctx, challenger, texts)])
 
-    with store_lock(ctx.store, f"promote/{name}"):
+    with store_lock(ctx.store, f"promote/{name}") as lease:
         champion = current_alias(client, name, CHAMPION)
         if champion is not None and champion.version == version:
             # a re-run of the gate for the champion itself: nothing to compare, nothing to move or audit
@@ -109,6 +109,7 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
             smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())
         moved = None
         if verdict.decision == "promote":
+            lease.fence()  # LockLost when another run took the lease over meanwhile: never move on a stale decision
             moved = move_alias(client, name, CHAMPION, version, reason=verdict.reason, actor="adaptflow-gate",
                                kind="gate")
     _record(client, name, version, registered["run_id"], verdict, champion.version if champion else None)

@@ -27,7 +27,7 @@ from adaptflow.store import ArtifactStore, ConflictError
 log = logging.getLogger("adaptflow")
 
 # Bump a stage's version when its code changes what it writes: old outputs then stop matching.
-STAGE_VERSIONS = {"ingest": 2, "validate": 1, "tokenize": 2, "train": 1, "evaluate": 2}
+STAGE_VERSIONS = {"ingest": 2, "validate": 2, "tokenize": 2, "train": 1, "evaluate": 2}
 
 
 @dataclass
@@ -145,7 +145,8 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
     from adaptflow.validate import ValidationRules, validate_split
 
     rules = ValidationRules(min_class_count=config.data.min_class_count,
-                            max_quarantine_fraction=config.data.max_quarantine_fraction)
+                            max_quarantine_fraction=config.data.max_quarantine_fraction,
+                            label_case=config.data.label_case)
     prefix = f"validated/{stage_key('validate', snapshot=snapshot['digest'], rules=vars(rules))}"
     meta = _cached(ctx, prefix)
     if meta is None:
