@@ -321,6 +321,15 @@ class ArtifactStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, prefix, "LIST") from None
 
+    def list_objects(self, prefix: str = "") -> Iterator[dict]:
+        """Every object under ``prefix`` as the listing describes it (``Key``, ``Size``, ``LastModified``, ...)."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        try:
+            for page in pages:
+                yield from page.get("Contents", [])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, prefix, "LIST") from None
+
     def put_content(self, data: bytes, *, prefix: str = "cas") -> tuple[str, str]:
         """Store ``data`` under its sha256 (``prefix/<sha[:2]>/<sha>``); nothing is uploaded when present.
 
