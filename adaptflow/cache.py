@@ -90,6 +90,8 @@ class _Shard:
     hashes_sha256: str
     vectors_sha256: str
     salt: int = 0
+    vectors_md5: str = ""  # recorded at write time: a listed ETag equal to it means vectors.npy is as written
+    vectors_etag: str = ""  # the ETag the index's LIST reported for vectors.npy
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,8 @@ def _shard_from_manifest(shard: str, manifest: dict) -> _Shard:
     try:
         objects, meta = manifest["objects"], manifest.get("meta", {})
         described = _Shard(shard, int(meta["rows"]), int(meta["dim"]), str(objects["hashes.txt"]["sha256"]),
-                           str(objects["vectors.npy"]["sha256"]), int(meta.get("salt", 0)))
+                           str(objects["vectors.npy"]["sha256"]), int(meta.get("salt", 0)),
+                           str(meta.get("vectors_md5", "")))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CacheIntegrityError(f"its manifest lacks {exc}") from None
     if shard_id(described.hashes_sha256, described.vectors_sha256, described.salt) != shard:
@@ -248,7 +251,12 @@ class EmbeddingCache:
         manifest or hashes.txt fails its check is marked and skipped: it never blocks the run.
         """
         shard_dir, marker_dir, tail = f"{self.prefix}/shards/", f"{self.prefix}/{MARKERS}/", f"/{MANIFEST}"
-        keys = [k for k in self.store.list_keys(f"{self.prefix}/") if k.endswith(tail)]
+        keys, etags = [], {}
+        for obj in self.store.list_objects(f"{self.prefix}/"):
+            if obj["Key"].endswith(tail):
+                keys.append(obj["Key"])
+            elif obj["Key"].endswith("/vectors.npy"):
+                etags[obj["Key"][len(shard_dir) : -len("/vectors.npy")]] = str(obj.get("ETag", "")).strip('"')
         marked = {k[len(marker_dir) : -len(tail)] for k in keys if k.startswith(marker_dir)}
         ids = [k[len(shard_dir) : -len(tail)] for k in keys if k.startswith(shard_dir)]
         # objects without a manifest (a crashed write) are simply not listed here: they are invisible
@@ -264,6 +272,7 @@ class EmbeddingCache:
             if isinstance(item, CorruptShard):
                 self._mark(item)
             else:
+                item[0].vectors_etag = etags.get(item[0].id, "")
                 self._add(*item)
         log.debug("embedding cache %s: %d shards, %d rows, %d corrupt ignored", self.uri, len(self._shards),
                   sum(map(len, self._hashes)), len(self._corrupt))
@@ -370,7 +379,9 @@ class EmbeddingCache:
         buffer = io.BytesIO()
         np.save(buffer, vectors, allow_pickle=False)
         vectors_npy = buffer.getvalue()
-        shard = _Shard("", len(hashes), vectors.shape[1], _sha(hashes_txt), _sha(vectors_npy))
+        md5 = hashlib.md5(vectors_npy, usedforsecurity=False).hexdigest()
+        shard = _Shard("", len(hashes), vectors.shape[1], _sha(hashes_txt), _sha(vectors_npy), vectors_md5=md5,
+                       vectors_etag=md5)  # just written: as good as checked
         while True:
             # the same content as a marked shard (its rows encoded again, bit for bit) cannot reuse that id:
             # its manifest exists, so publishing would be a no-op; a salt makes a new id, still checkable
@@ -382,7 +393,7 @@ class EmbeddingCache:
                 self.store.publish(
                     self._shard_prefix(shard.id),
                     {"hashes.txt": hashes_txt, "vectors.npy": vectors_npy},
-                    {"rows": shard.rows, "dim": shard.dim, "cache": self.spec,
+                    {"rows": shard.rows, "dim": shard.dim, "cache": self.spec, "vectors_md5": md5,
                      **({"salt": shard.salt} if shard.salt else {})},
                 )
             except ConflictError:
@@ -398,17 +409,22 @@ class EmbeddingCache:
         return shard.id
 
     def verify(self, hashes: Iterable[str]) -> list[CorruptShard]:
-        """Download and check every shard holding one of ``hashes`` (in parallel, ~``_THREADS`` shards in memory).
+        """Check every shard holding one of ``hashes``; what the embed stage calls before trusting the cache.
 
-        What the embed stage calls before trusting the cache: a corrupt shard is marked and dropped from the
-        index, so its rows show up in :meth:`missing` and are encoded again instead of failing a later read.
+        A shard whose vectors.npy the index's LIST reported with the MD5 ETag its manifest recorded at write
+        time is as written (no request); any other (overwritten, or an ETag that is no plain MD5: multipart,
+        SSE-KMS) is downloaded and checked against its sha256, in parallel, ~``_THREADS`` shards in memory.
+        A corrupt shard is marked and dropped from the index, so its rows show up in :meth:`missing` and are
+        encoded again instead of failing a later read. (Bit rot under an unchanged ETag is still caught by
+        :meth:`read`'s sha256 check: that read fails, the shard is marked, and the next run heals it.)
 
         Returns:
             The shards found corrupt by this call (see :attr:`corrupt_shards` for all that are ignored).
         """
         pos, found = self._lookup(list(dict.fromkeys(hashes)))
         needed = np.unique(self._shard_of[pos[found]])
-        work = [(self._shards[i], self._hashes[i]) for i in needed]
+        work = [(self._shards[i], self._hashes[i]) for i in needed
+                if not self._shards[i].vectors_md5 or self._shards[i].vectors_etag != self._shards[i].vectors_md5]
 
         def check(item) -> CorruptShard | None:
             shard, rows = item

@@ -146,11 +146,16 @@ def test_a_forged_manifest_or_hashes_file_is_skipped_at_index_load(store):
     np.testing.assert_array_equal(fresh.read(h3), v3)
 
 
-def test_verify_finds_corrupt_vectors_before_a_read_would(store):
+def test_verify_finds_corrupt_vectors_before_a_read_would(store, monkeypatch):
     cache = EmbeddingCache(store, **SPEC)
     (h1, v1), (h2, v2) = rows(4, seed=1), rows(4, seed=2, start=4)
     bad = cache.write_shard(h1, v1)
     cache.write_shard(h2, v2)
+    fetched = []
+    get = store.get_bytes
+    monkeypatch.setattr(store, "get_bytes", lambda key: fetched.append(key) or get(key))
+    assert EmbeddingCache(store, **SPEC).verify(h1 + h2) == []
+    assert not any(k.endswith("vectors.npy") for k in fetched)  # listed ETags = recorded MD5s: nothing downloaded
     store.put_bytes(f"{cache.prefix}/shards/{bad}/vectors.npy", b"not a numpy file")
     reader = EmbeddingCache(store, **SPEC)
     assert reader.missing(h1 + h2) == []  # the index (hashes) is sound: only the vectors are not

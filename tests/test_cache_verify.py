@@ -180,3 +180,20 @@ def test_cache_verify_lists_then_repairs_corrupt_shards_and_orphans(ctx, test_se
     assert again.returncode == 0 and "no problems" in again.stdout, again.stdout + again.stderr
     # the repaired cache simply lacks those rows: the next embed encodes them
     assert stages.embed_stage(ctx, config, tokens, encoder)["encoded"] > 0
+
+
+def test_the_run_summary_reports_the_corrupt_shard(services_env, fresh_bucket, monkeypatch, prefect_harness, tmp_path,
+                                                  tiny_encoder_path, small_shards, test_settings):
+    """What `adaptflow retrain --json` prints: embeddings.corrupt in the flow's summary."""
+    from flows.retrain import retrain
+
+    monkeypatch.setenv("ADAPTFLOW_BUCKET", fresh_bucket)
+    config = config_for(write_data(tmp_path, n=120, seed=3), tiny_encoder_path)
+    first = retrain(config)
+    assert first["embeddings"]["corrupt"] == {"shards_ignored": 0, "rows_reencoded": 0}
+    store = ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
+    manifest = next(k for k in store.list_keys("embeddings/") if "/shards/" in k and k.endswith("/_manifest.json"))
+    bad_rows = corrupt_vectors(store, manifest.rsplit("/", 1)[0])
+    second = retrain(config)
+    assert second["embeddings"]["corrupt"] == {"shards_ignored": 1, "rows_reencoded": bad_rows}
+    assert second["embeddings"]["encoded"] == bad_rows and second["version"] == "2"
