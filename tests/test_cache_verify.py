@@ -197,3 +197,15 @@ def test_the_run_summary_reports_the_corrupt_shard(services_env, fresh_bucket, m
     second = retrain(config)
     assert second["embeddings"]["corrupt"] == {"shards_ignored": 1, "rows_reencoded": bad_rows}
     assert second["embeddings"]["encoded"] == bad_rows and second["version"] == "2"
+
+
+def test_the_printed_summary_names_the_corrupt_shard(capsys):
+    from adaptflow.cli.retrain import print_summary
+
+    summary = {"model_name": "m", "version": "2", "aliases": ["challenger"], "run_id": "r",
+               "metrics": {"accuracy": 0.9, "macro_f1": 0.9, "ece": 0.1},
+               "rows": {"train": 1, "test": 1, "quarantined": 0},
+               "embeddings": {"encoded": 16, "cached": 144, "dtype": "fp32",
+                              "corrupt": {"shards_ignored": 1, "rows_reencoded": 16}}, "seconds": {"embed": 1.0}}
+    print_summary(summary)
+    assert "1 corrupt shard ignored (16 rows re-encoded)" in capsys.readouterr().out
