@@ -6,10 +6,17 @@ encoder snapshot, truncation, pooling or dtype can never serve a stale vector)::
     shards/<shard-id>/vectors.npy      float32 [rows, dim]
     shards/<shard-id>/hashes.txt       one text sha256 per row, same order
     shards/<shard-id>/_manifest.json   written last (If-None-Match): a shard exists exactly when this does
+    corrupt/<shard-id>/_manifest.json  a marker: that shard failed its check and is ignored (meta: the reason)
 
-A shard is immutable and content-addressed: ``shard-id = sha256("<sha256(hashes.txt)>:<sha256(vectors.npy)>")``.
+A shard is immutable and content-addressed: ``shard-id = sha256("<sha256(hashes.txt)>:<sha256(vectors.npy)>")``
+(``...:<salt>`` for a shard re-written with the same content as a marked one: ``meta.salt`` in its manifest).
 A retried write publishes the same id and is a no-op; a crashed write leaves objects without a manifest, which
 readers ignore; and a reader can check a downloaded shard against its own name, not only its manifest.
+
+A shard that fails its check (bit rot, a bad overwrite, a tampered manifest) is never served and never blocks a
+run: the reader records a marker (a worker may write but not delete), drops the shard from its index, and the
+embed stage encodes its rows again into a new shard (``verify``). ``adaptflow cache verify --repair``, run by an
+identity allowed to delete, removes marked and corrupt shards and the objects of crashed writes (``audit``).
 """
 
 from __future__ import annotations
@@ -21,21 +28,32 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 
-from adaptflow.store import MANIFEST, ArtifactStore, ConflictError
+from adaptflow.store import MANIFEST, ArtifactStore, ConflictError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: corrupt-shard markers and salted replacement shards (a version-1 reader would fail on a salted shard's id)
+FORMAT_VERSION = 2
+MARKERS = "corrupt"  # embeddings/<key>/corrupt/<shard-id>/_manifest.json
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _THREADS = 8  # parallel GETs when loading the index or shards: S3 latency, not bandwidth, is the limit
 
 
 class CacheIntegrityError(RuntimeError):
-    """A shard's bytes do not match its name or manifest (tampered or corrupted)."""
+    """A shard's bytes do not match its name or manifest (tampered or corrupted).
+
+    Not transient: a retry downloads the same bytes, so ``tasks/policy.py`` never retries it. ``shard`` is the
+    shard's id (None when the problem is not one shard's) and ``reason`` the short description.
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.shard, self.reason = shard, reason or message
 
 
 def text_sha256(text: str) -> str:
@@ -59,6 +77,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def shard_id(hashes_sha256: str, vectors_sha256: str, salt: int = 0) -> str:
+    """A shard's content-derived id (``salt`` > 0 only for a re-write of a marked shard's content)."""
+    return _sha(f"{hashes_sha256}:{vectors_sha256}{f':{salt}' if salt else ''}".encode())
+
+
 @dataclass
 class _Shard:
     id: str
@@ -66,6 +89,112 @@ class _Shard:
     dim: int
     hashes_sha256: str
     vectors_sha256: str
+    salt: int = 0
+    vectors_md5: str = ""  # recorded at write time: a listed ETag equal to it means vectors.npy is as written
+    vectors_etag: str = ""  # the ETag the index's LIST reported for vectors.npy
+
+
+@dataclass(frozen=True)
+class CorruptShard:
+    """A shard the cache ignores: it failed its check now, or a marker says an earlier reader found it corrupt.
+
+    ``hashes``: the rows it claims to hold (from its hashes.txt, unverified; empty when unreadable).
+    """
+
+    id: str
+    reason: str
+    hashes: tuple[str, ...] = ()
+
+
+# ---- checks shared by the reader and the audit ------------------------------------------------------------
+
+
+def _get(store: ArtifactStore, key: str) -> bytes:
+    try:
+        return store.get_bytes(key)
+    except NotFoundError:  # listed in a published manifest, yet gone
+        raise CacheIntegrityError(f"{key.rsplit('/', 1)[-1]} is missing") from None
+
+
+def _read_manifest(store: ArtifactStore, prefix: str) -> dict | None:
+    """A shard's manifest (None: not published, or deleted since it was listed)."""
+    try:
+        body = store.get_bytes(f"{prefix}/{MANIFEST}")
+    except NotFoundError:
+        return None
+    try:
+        manifest = json.loads(body)
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+        return manifest
+    except ValueError as exc:
+        raise CacheIntegrityError(f"its {MANIFEST} is not valid JSON ({exc})") from None
+
+
+def _shard_from_manifest(shard: str, manifest: dict) -> _Shard:
+    """The shard its manifest describes, checked against the content-derived id."""
+    try:
+        objects, meta = manifest["objects"], manifest.get("meta", {})
+        described = _Shard(shard, int(meta["rows"]), int(meta["dim"]), str(objects["hashes.txt"]["sha256"]),
+                           str(objects["vectors.npy"]["sha256"]), int(meta.get("salt", 0)),
+                           str(meta.get("vectors_md5", "")))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CacheIntegrityError(f"its manifest lacks {exc}") from None
+    if shard_id(described.hashes_sha256, described.vectors_sha256, described.salt) != shard:
+        raise CacheIntegrityError("its manifest does not match the shard id")
+    return described
+
+
+def _parse_hashes(shard: _Shard, body: bytes) -> np.ndarray:
+    got = _sha(body)
+    if got != shard.hashes_sha256:
+        raise CacheIntegrityError(f"hashes.txt sha256 {got[:12]}... != {shard.hashes_sha256[:12]}...")
+    hashes = np.array(body.decode("ascii").split(), dtype="S64")
+    if len(hashes) != shard.rows:
+        raise CacheIntegrityError(f"hashes.txt has {len(hashes)} rows, manifest {shard.rows}")
+    return hashes
+
+
+def _parse_vectors(shard: _Shard, body: bytes) -> np.ndarray:
+    got = _sha(body)
+    if got != shard.vectors_sha256:
+        raise CacheIntegrityError(f"vectors.npy sha256 {got[:12]}... != {shard.vectors_sha256[:12]}...")
+    vectors = np.load(io.BytesIO(body), allow_pickle=False)
+    if vectors.dtype != np.float32 or vectors.shape != (shard.rows, shard.dim):
+        raise CacheIntegrityError(f"vectors.npy is {vectors.dtype}{list(vectors.shape)}")
+    return vectors
+
+
+def _fetch_checked(store: ArtifactStore, key: str, parse):
+    """``parse(bytes of key)``; a failed check is re-downloaded once (a transfer fault heals, corruption not)."""
+    try:
+        return parse(_get(store, key))
+    except CacheIntegrityError:
+        log.debug("%s failed its check: downloading it once more", store.uri(key))
+        return parse(_get(store, key))
+
+
+def _claimed_rows(store: ArtifactStore, prefix: str) -> tuple[str, ...]:
+    """The row hashes a shard's hashes.txt lists, unverified (for counting what a corrupt shard held)."""
+    try:
+        text = store.get_bytes(f"{prefix}/hashes.txt").decode("ascii", errors="replace")
+    except StoreError:
+        return ()
+    return tuple(h for h in text.split() if _HEX64.fullmatch(h))
+
+
+def check_shard(store: ArtifactStore, prefix: str) -> str | None:
+    """Download and fully check the published shard at ``prefix``; None when sound, else why it is corrupt."""
+    try:
+        manifest = _read_manifest(store, prefix)
+        if manifest is None:
+            return None  # deleted since it was listed
+        shard = _shard_from_manifest(prefix.rsplit("/", 1)[-1], manifest)
+        _fetch_checked(store, f"{prefix}/hashes.txt", lambda body: _parse_hashes(shard, body))
+        _fetch_checked(store, f"{prefix}/vectors.npy", lambda body: _parse_vectors(shard, body))
+    except CacheIntegrityError as exc:
+        return exc.reason
+    return None
 
 
 class EmbeddingCache:
@@ -98,6 +227,7 @@ class EmbeddingCache:
         self._shard_of = np.empty(0, dtype=np.int32)
         self._row_of = np.empty(0, dtype=np.int32)
         self._stale = True  # the sorted index lags self._hashes (rebuilt lazily: writes come in bursts)
+        self._corrupt: dict[str, CorruptShard] = {}  # ignored shards: marked earlier, or found corrupt by this one
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({self.store.uri(self.prefix)}, {self.spec})"
@@ -106,43 +236,87 @@ class EmbeddingCache:
     def uri(self) -> str:
         return self.store.uri(self.prefix)
 
-    def _shard_prefix(self, shard_id: str) -> str:
-        return f"{self.prefix}/shards/{shard_id}"
+    def _shard_prefix(self, shard: str) -> str:
+        return f"{self.prefix}/shards/{shard}"
+
+    def _marker_prefix(self, shard: str) -> str:
+        return f"{self.prefix}/{MARKERS}/{shard}"
 
     # ---- index ---------------------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Reload the index from S3 (picks up shards that other writers published since)."""
-        shard_dir = f"{self.prefix}/shards/"
-        manifests = [k for k in self.store.list_keys(shard_dir) if k.endswith(f"/{MANIFEST}")]
-        ids = [k[len(shard_dir) : -len(MANIFEST) - 1] for k in manifests]
+        """Reload the index from S3 (picks up shards that other writers published since).
+
+        One LIST finds the shards and the corrupt markers; a marked shard is skipped unread, and a shard whose
+        manifest or hashes.txt fails its check is marked and skipped: it never blocks the run.
+        """
+        shard_dir, marker_dir, tail = f"{self.prefix}/shards/", f"{self.prefix}/{MARKERS}/", f"/{MANIFEST}"
+        keys, etags = [], {}
+        for obj in self.store.list_objects(f"{self.prefix}/"):
+            if obj["Key"].endswith(tail):
+                keys.append(obj["Key"])
+            elif obj["Key"].endswith("/vectors.npy"):
+                etags[obj["Key"][len(shard_dir) : -len("/vectors.npy")]] = str(obj.get("ETag", "")).strip('"')
+        marked = {k[len(marker_dir) : -len(tail)] for k in keys if k.startswith(marker_dir)}
+        ids = [k[len(shard_dir) : -len(tail)] for k in keys if k.startswith(shard_dir)]
         # objects without a manifest (a crashed write) are simply not listed here: they are invisible
         with ThreadPoolExecutor(_THREADS) as pool:
-            loaded = list(pool.map(self._load_shard_index, ids))
+            loaded = list(pool.map(self._load_shard_index, [i for i in ids if i not in marked]))
+            # what a marked shard claimed, to count the rows encoded again in its place (one small GET each)
+            known = [i for i in ids if i in marked]
+            claimed = list(pool.map(lambda i: _claimed_rows(self.store, self._shard_prefix(i)), known))
         self._shards, self._hashes = [], []
-        for shard, hashes in filter(None, loaded):
-            self._add(shard, hashes)
-        log.debug("embedding cache %s: %d shards, %d rows", self.uri, len(self._shards), sum(map(len, self._hashes)))
+        self._corrupt = {i: CorruptShard(i, "marked corrupt by an earlier reader", rows)
+                         for i, rows in zip(known, claimed)}
+        for item in filter(None, loaded):
+            if isinstance(item, CorruptShard):
+                self._mark(item)
+            else:
+                item[0].vectors_etag = etags.get(item[0].id, "")
+                self._add(*item)
+        log.debug("embedding cache %s: %d shards, %d rows, %d corrupt ignored", self.uri, len(self._shards),
+                  sum(map(len, self._hashes)), len(self._corrupt))
 
-    def _load_shard_index(self, shard_id: str) -> tuple[_Shard, np.ndarray] | None:
+    def _load_shard_index(self, shard_id: str) -> tuple[_Shard, np.ndarray] | CorruptShard | None:
         prefix = self._shard_prefix(shard_id)
-        manifest = self.store.read_manifest(prefix)
-        if manifest is None:  # listed, then deleted (drop_shard by another process)
-            return None
-        objects, meta = manifest["objects"], manifest.get("meta", {})
-        shard = _Shard(shard_id, int(meta["rows"]), int(meta["dim"]),
-                       objects["hashes.txt"]["sha256"], objects["vectors.npy"]["sha256"])
-        body = self.store.get_bytes(f"{prefix}/hashes.txt")
-        self._check(shard, hashes_sha256=_sha(body))
-        hashes = np.array(body.decode("ascii").split(), dtype="S64")
-        if len(hashes) != shard.rows:
-            raise CacheIntegrityError(self._problem(shard, f"hashes.txt has {len(hashes)} rows, manifest {shard.rows}"))
-        return shard, hashes
+        try:
+            manifest = _read_manifest(self.store, prefix)
+            if manifest is None:  # listed, then deleted (`adaptflow cache verify --repair` in another process)
+                return None
+            shard = _shard_from_manifest(shard_id, manifest)
+            return shard, _fetch_checked(self.store, f"{prefix}/hashes.txt", lambda body: _parse_hashes(shard, body))
+        except CacheIntegrityError as exc:
+            return CorruptShard(shard_id, exc.reason, _claimed_rows(self.store, prefix))
 
     def _add(self, shard: _Shard, hashes: np.ndarray) -> None:
         self._shards.append(shard)
         self._hashes.append(hashes)
         self._stale = True
+
+    def _mark(self, corrupt: CorruptShard) -> None:
+        """Ignore a corrupt shard from now on: drop it from the index and record a marker for other readers."""
+        self._corrupt[corrupt.id] = corrupt
+        if self._shards is not None and any(s.id == corrupt.id for s in self._shards):
+            keep = [i for i, s in enumerate(self._shards) if s.id != corrupt.id]
+            self._shards = [self._shards[i] for i in keep]
+            self._hashes = [self._hashes[i] for i in keep]
+            self._stale = True
+        log.warning("embedding cache shard %s is corrupt (%s): ignored, its %d rows are encoded again; "
+                    "`adaptflow cache verify --repair` removes it", self.store.uri(self._shard_prefix(corrupt.id)),
+                    corrupt.reason, len(corrupt.hashes))
+        try:  # a marker, not a delete: workers may write but not delete (infra/s3-worker-policy.json)
+            self.store.publish(self._marker_prefix(corrupt.id), {}, {
+                "shard": corrupt.id, "reason": corrupt.reason, "rows": len(corrupt.hashes), "cache": self.spec})
+        except ConflictError:
+            pass  # another reader marked it first
+        except StoreError as exc:  # this instance ignores it anyway; the next reader finds it again
+            log.warning("could not record the corrupt-shard marker for %s: %s", corrupt.id, exc)
+
+    @property
+    def corrupt_shards(self) -> list[CorruptShard]:
+        """The shards this instance ignores: marked by an earlier reader, or found corrupt since its index loaded."""
+        self._index()
+        return list(self._corrupt.values())
 
     def _index(self) -> None:
         """Load the index on first use; rebuild the sorted arrays after writes."""
@@ -205,20 +379,66 @@ class EmbeddingCache:
         buffer = io.BytesIO()
         np.save(buffer, vectors, allow_pickle=False)
         vectors_npy = buffer.getvalue()
-        shard = _Shard("", len(hashes), vectors.shape[1], _sha(hashes_txt), _sha(vectors_npy))
-        shard.id = _sha(f"{shard.hashes_sha256}:{shard.vectors_sha256}".encode())
-        try:
-            self.store.publish(
-                self._shard_prefix(shard.id),
-                {"hashes.txt": hashes_txt, "vectors.npy": vectors_npy},
-                {"rows": shard.rows, "dim": shard.dim, "cache": self.spec},
-            )
-        except ConflictError:
-            log.debug("shard %s already published (a retried write): nothing to do", shard.id)
+        md5 = hashlib.md5(vectors_npy, usedforsecurity=False).hexdigest()
+        shard = _Shard("", len(hashes), vectors.shape[1], _sha(hashes_txt), _sha(vectors_npy), vectors_md5=md5,
+                       vectors_etag=md5)  # just written: as good as checked
+        while True:
+            # the same content as a marked shard (its rows encoded again, bit for bit) cannot reuse that id:
+            # its manifest exists, so publishing would be a no-op; a salt makes a new id, still checkable
+            shard.id = shard_id(shard.hashes_sha256, shard.vectors_sha256, shard.salt)
+            if shard.id in self._corrupt:
+                shard.salt += 1
+                continue
+            try:
+                self.store.publish(
+                    self._shard_prefix(shard.id),
+                    {"hashes.txt": hashes_txt, "vectors.npy": vectors_npy},
+                    {"rows": shard.rows, "dim": shard.dim, "cache": self.spec, "vectors_md5": md5,
+                     **({"salt": shard.salt} if shard.salt else {})},
+                )
+            except ConflictError:
+                if self._shards is None:  # is the published one a marked shard? only the index knows
+                    self._index()
+                    if shard.id in self._corrupt:
+                        continue
+                log.debug("shard %s already published (a retried write): nothing to do", shard.id)
+            break
         if self._shards is not None and all(s.id != shard.id for s in self._shards):
             self._add(shard, np.asarray(hashes, dtype="S64"))
         # (when the index was never loaded, the first read lists S3 and finds this shard there)
         return shard.id
+
+    def verify(self, hashes: Iterable[str]) -> list[CorruptShard]:
+        """Check every shard holding one of ``hashes``; what the embed stage calls before trusting the cache.
+
+        A shard whose vectors.npy the index's LIST reported with the MD5 ETag its manifest recorded at write
+        time is as written (no request); any other (overwritten, or an ETag that is no plain MD5: multipart,
+        SSE-KMS) is downloaded and checked against its sha256, in parallel, ~``_THREADS`` shards in memory.
+        A corrupt shard is marked and dropped from the index, so its rows show up in :meth:`missing` and are
+        encoded again instead of failing a later read. (Bit rot under an unchanged ETag is still caught by
+        :meth:`read`'s sha256 check: that read fails, the shard is marked, and the next run heals it.)
+
+        Returns:
+            The shards found corrupt by this call (see :attr:`corrupt_shards` for all that are ignored).
+        """
+        pos, found = self._lookup(list(dict.fromkeys(hashes)))
+        needed = np.unique(self._shard_of[pos[found]])
+        work = [(self._shards[i], self._hashes[i]) for i in needed
+                if not self._shards[i].vectors_md5 or self._shards[i].vectors_etag != self._shards[i].vectors_md5]
+
+        def check(item) -> CorruptShard | None:
+            shard, rows = item
+            try:
+                self._load_vectors(shard)
+            except CacheIntegrityError as exc:
+                return CorruptShard(shard.id, exc.reason, tuple(h.decode() for h in rows))
+            return None
+
+        with ThreadPoolExecutor(_THREADS) as pool:
+            bad = [c for c in pool.map(check, work) if c is not None]
+        for corrupt in bad:
+            self._mark(corrupt)
+        return bad
 
     def read(self, hashes: Sequence[str], out=None) -> np.ndarray:
         """Vectors for ``hashes`` in the given order, float32 [n, dim].
@@ -260,39 +480,133 @@ class EmbeddingCache:
         with ThreadPoolExecutor(_THREADS) as pool:
             for w in range(0, len(needed), _THREADS):  # a window of downloads in flight bounds memory
                 window = [self._shards[s] for s in needed[w : w + _THREADS]]
-                for shard_vectors, sel in zip(pool.map(self._load_vectors, window), groups[w : w + _THREADS]):
-                    out[sel] = shard_vectors[rows[sel]]
+                try:
+                    for shard_vectors, sel in zip(pool.map(self._load_vectors, window), groups[w : w + _THREADS]):
+                        out[sel] = shard_vectors[rows[sel]]
+                except CacheIntegrityError as exc:  # corrupt since the embed stage checked it: mark, then fail
+                    shard = next(s for s in window if s.id == exc.shard)
+                    self._mark(CorruptShard(shard.id, exc.reason,
+                                            tuple(h.decode() for h in self._hashes[self._shards.index(shard)])))
+                    raise
         return out
 
     def _load_vectors(self, shard: _Shard) -> np.ndarray:
-        body = self.store.get_bytes(f"{self._shard_prefix(shard.id)}/vectors.npy")
-        self._check(shard, vectors_sha256=_sha(body))
-        vectors = np.load(io.BytesIO(body), allow_pickle=False)
-        if vectors.dtype != np.float32 or vectors.shape != (shard.rows, shard.dim):
-            raise CacheIntegrityError(self._problem(shard, f"vectors.npy is {vectors.dtype}{list(vectors.shape)}"))
-        return vectors
+        try:
+            return _fetch_checked(self.store, f"{self._shard_prefix(shard.id)}/vectors.npy",
+                                  lambda body: _parse_vectors(shard, body))
+        except CacheIntegrityError as exc:
+            raise CacheIntegrityError(self._problem(shard, exc.reason), shard=shard.id, reason=exc.reason) from None
 
     # ---- integrity -----------------------------------------------------------------------------------
 
-    def _check(self, shard: _Shard, *, hashes_sha256: str | None = None, vectors_sha256: str | None = None) -> None:
-        """Bytes must match the manifest, and the manifest must match the shard's content-derived id."""
-        if _sha(f"{shard.hashes_sha256}:{shard.vectors_sha256}".encode()) != shard.id:
-            raise CacheIntegrityError(self._problem(shard, "its manifest does not match the shard id"))
-        for name, got, want in (("hashes.txt", hashes_sha256, shard.hashes_sha256),
-                                ("vectors.npy", vectors_sha256, shard.vectors_sha256)):
-            if got is not None and got != want:
-                raise CacheIntegrityError(self._problem(shard, f"{name} sha256 {got[:12]}... != {want[:12]}..."))
-
     def _problem(self, shard: _Shard, what: str) -> str:
-        return (f"embedding cache shard {self.store.uri(self._shard_prefix(shard.id))} is corrupt: {what}. "
-                f"Drop it (EmbeddingCache.drop_shard('{shard.id}'), or delete that prefix) and re-run: "
-                "its rows will be encoded again.")
+        return (f"embedding cache shard {self.store.uri(self._shard_prefix(shard.id))} is corrupt: {what}. It is "
+                "now marked and ignored: re-run, and the embed stage encodes its rows again. "
+                "`adaptflow cache verify --repair` (by an identity allowed to delete) removes it.")
 
-    def drop_shard(self, shard_id: str) -> None:
-        """Delete a shard, manifest first (readers stop seeing it at once), then its objects."""
-        prefix = self._shard_prefix(shard_id)
-        self.store.delete(f"{prefix}/{MANIFEST}")
-        for key in list(self.store.list_keys(f"{prefix}/")):
-            self.store.delete(key)
+    def drop_shard(self, shard: str) -> None:
+        """Delete a shard, manifest first (readers stop seeing it at once), then its objects and its marker.
+
+        Needs ``s3:DeleteObject`` (workers lack it); ``adaptflow cache verify --repair`` does this for every
+        corrupt shard.
+        """
+        for prefix in (self._shard_prefix(shard), self._marker_prefix(shard)):
+            self.store.delete(f"{prefix}/{MANIFEST}")
+            for key in list(self.store.list_keys(f"{prefix}/")):
+                self.store.delete(key)
         self._shards = None  # reload on next use
         self._stale = True
+
+
+# ---- audit and repair (`adaptflow cache verify`) -------------------------------------------------------------
+
+
+@dataclass
+class CacheProblem:
+    """One thing ``adaptflow cache verify`` reports, with the objects ``--repair`` deletes (a manifest first).
+
+    ``kind``: ``corrupt`` (a published shard failing its check, or marked by a reader), ``orphan`` (objects
+    of a shard with no manifest, left by a crashed write, older than the age limit) or ``marker`` (a corrupt
+    marker whose shard is gone).
+    """
+
+    kind: str
+    prefix: str
+    reason: str
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CacheAudit:
+    """What :func:`audit` found under ``embeddings/``."""
+
+    caches: int = 0
+    shards: int = 0
+    problems: list[CacheProblem] = field(default_factory=list)
+    recent_objects: int = 0  # unpublished objects younger than the age limit: maybe a write in flight, left alone
+
+
+def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embeddings/") -> CacheAudit:
+    """Check every shard of every embedding cache in the bucket (each fully downloaded, 8 at a time).
+
+    Args:
+        min_age_s: objects without a manifest count as orphaned only when the newest one of their shard is
+            at least this old (a writer publishes its manifest seconds after its objects).
+    """
+    now = datetime.now(timezone.utc)
+    groups: dict[str, list[dict]] = {}  # "embeddings/<key>/<shards|corrupt>/<id>" -> its objects
+    for obj in store.list_objects(root):
+        parts = obj["Key"].split("/")
+        groups.setdefault("/".join(parts[:4]) if len(parts) > 4 else obj["Key"], []).append(obj)
+    result = CacheAudit(caches=len({k.split("/")[1] for k in groups if k.count("/") >= 1}))
+
+    def published(prefix: str) -> bool:
+        return any(o["Key"] == f"{prefix}/{MANIFEST}" for o in groups.get(prefix, []))
+
+    def keys(prefix: str) -> list[str]:  # the manifest first: readers stop seeing the prefix at once
+        names = sorted(o["Key"] for o in groups.get(prefix, []))
+        return sorted(names, key=lambda k: not k.endswith(f"/{MANIFEST}"))
+
+    shards = [p for p in groups if p.count("/") == 3 and p.split("/")[2] == "shards" and published(p)]
+    result.shards = len(shards)
+    with ThreadPoolExecutor(_THREADS) as pool:
+        reasons = dict(zip(shards, pool.map(lambda p: check_shard(store, p), shards)))
+    for prefix, objects in sorted(groups.items()):
+        parts = prefix.split("/")
+        kind = parts[2] if len(parts) == 4 else None
+        marker = "/".join([*parts[:2], MARKERS, parts[3]]) if kind == "shards" else None
+        if kind == "shards" and published(prefix):
+            if marker in groups:
+                meta = (store.read_manifest(marker) or {}).get("meta", {})
+                reason = f"marked corrupt by a reader: {meta.get('reason', '?')}"
+                result.problems.append(CacheProblem("corrupt", prefix, reason, keys(prefix) + keys(marker)))
+            elif reasons.get(prefix):
+                result.problems.append(CacheProblem("corrupt", prefix, reasons[prefix], keys(prefix)))
+        elif kind == MARKERS:
+            if not published("/".join([*parts[:2], "shards", parts[3]])):
+                result.problems.append(CacheProblem("marker", prefix, "a corrupt marker whose shard is gone",
+                                                    keys(prefix)))
+        else:  # objects of a shard that was never published (or of no shard at all)
+            age = min((now - o["LastModified"]).total_seconds() for o in objects)
+            if age < min_age_s:
+                result.recent_objects += len(objects)
+                continue
+            reason = f"{len(objects)} object(s) without a {MANIFEST}, newest {age:.0f} s old (an interrupted write)"
+            result.problems.append(CacheProblem("orphan", prefix, reason, keys(prefix)))
+    return result
+
+
+def repair(store: ArtifactStore, problems: Iterable[CacheProblem]) -> int:
+    """Delete what ``problems`` name, each manifest first; needs ``s3:DeleteObject``. Returns objects deleted.
+
+    Deleting rather than moving to a quarantine prefix: a shard is derived data (its rows are encoded again
+    from the tokens), its marker and this command's output record why it went, and a copy would need a prefix
+    outside the worker policy.
+    """
+    deleted = 0
+    for problem in problems:
+        for key in dict.fromkeys(problem.keys):
+            store.delete(key)
+            deleted += 1
+        log.info("removed %s (%s): %s", store.uri(problem.prefix), problem.kind, problem.reason)
+    return deleted

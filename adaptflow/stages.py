@@ -253,7 +253,11 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
     table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(tokens["tokens"])[1])))
     hashes = table.column("text_sha256").to_pylist()
+    cache.verify(hashes)  # a corrupt shard holding some of these rows is marked and left out: they count as missing
     todo_hashes = cache.missing(hashes)  # in row order: the tokenize stage keeps one row per distinct text
+    lost = {h for shard in cache.corrupt_shards for h in shard.hashes}
+    corrupt = {"shards_ignored": len(cache.corrupt_shards), "rows_reencoded": sum(h in lost for h in todo_hashes)}
+    del lost
     missing = set(todo_hashes)
     todo = np.fromiter((h in missing for h in hashes), dtype=bool, count=len(hashes))
     n_rows, n_todo = len(hashes), len(todo_hashes)
@@ -268,8 +272,12 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
         tokens_per_batch=config.encoder.tokens_per_batch)
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
              n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
+    if corrupt["shards_ignored"]:
+        n = corrupt["shards_ignored"]
+        log.warning("embeddings: %d corrupt shard%s ignored (%d rows re-encoded) in %s; `adaptflow cache verify "
+                    "--repair` removes them", n, "" if n == 1 else "s", corrupt["rows_reencoded"], cache.uri)
     return {"cache": ctx.store.uri(cache.prefix), "dtype": dtype, "device": device,
-            "encoded": n_todo, "cached": n_rows - n_todo, "tokens_per_s": tokens_per_s}
+            "encoded": n_todo, "cached": n_rows - n_todo, "tokens_per_s": tokens_per_s, "corrupt": corrupt}
 
 
 def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str],

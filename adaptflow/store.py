@@ -313,11 +313,14 @@ class ArtifactStore:
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix``, in the server's (lexicographic) order."""
+        return (obj["Key"] for obj in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[dict]:
+        """Every object under ``prefix`` as the listing describes it (``Key``, ``Size``, ``LastModified``, ...)."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         try:
             for page in pages:
-                for obj in page.get("Contents", []):
-                    yield obj["Key"]
+                yield from page.get("Contents", [])
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, prefix, "LIST") from None
 

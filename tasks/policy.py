@@ -9,6 +9,7 @@ from typing import Any, Callable
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adaptflow.cache import CacheIntegrityError
 from adaptflow.embed import release_free_memory
 from adaptflow.settings import load_settings
 from adaptflow.stages import StageContext
@@ -22,6 +23,8 @@ def is_transient(task, task_run, state) -> bool:
     try:
         state.result()
     except ValueError:  # DataError, ConfigError, EncoderError: deterministic, the message says what to fix
+        return False
+    except CacheIntegrityError:  # the same bytes again; the shard is marked, the next run's embed re-encodes it
         return False
     except Exception as exc:  # noqa: BLE001
         status = getattr(exc, "get_http_status_code", lambda: 500)()

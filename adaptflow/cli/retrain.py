@@ -68,4 +68,8 @@ def print_summary(summary: dict) -> None:
     print(f"  accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m.get('ece', float('nan')):.4f}")
     print(f"  rows: train {rows['train']}, test {rows['test']}, quarantined {rows['quarantined']}")
     print(f"  embeddings: {emb['encoded']} encoded, {emb['cached']} from cache ({emb['dtype']})")
+    if (corrupt := emb.get("corrupt") or {}).get("shards_ignored"):
+        n = corrupt["shards_ignored"]
+        print(f"  {n} corrupt shard{'' if n == 1 else 's'} ignored ({corrupt['rows_reencoded']} rows re-encoded); "
+              "`adaptflow cache verify --repair` removes them")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))
