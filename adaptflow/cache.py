@@ -28,8 +28,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MARKERS = "corrupt"  # embeddings/<key>/corrupt/<shard-id>/_manifest.json
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_THREADS = 8  # parallel GETs when loading the index or shards: S3 latency, not bandwidth, is the limit
+THREADS = 8  # parallel GETs when loading the index or shards: S3 latency, not bandwidth, is the limit
 
 
 class CacheIntegrityError(RuntimeError):
@@ -260,7 +259,7 @@ class EmbeddingCache:
         marked = {k[len(marker_dir) : -len(tail)] for k in keys if k.startswith(marker_dir)}
         ids = [k[len(shard_dir) : -len(tail)] for k in keys if k.startswith(shard_dir)]
         # objects without a manifest (a crashed write) are simply not listed here: they are invisible
-        with ThreadPoolExecutor(_THREADS) as pool:
+        with ThreadPoolExecutor(THREADS) as pool:
             loaded = list(pool.map(self._load_shard_index, [i for i in ids if i not in marked]))
             # what a marked shard claimed, to count the rows encoded again in its place (one small GET each)
             known = [i for i in ids if i in marked]
@@ -413,7 +412,7 @@ class EmbeddingCache:
 
         A shard whose vectors.npy the index's LIST reported with the MD5 ETag its manifest recorded at write
         time is as written (no request); any other (overwritten, or an ETag that is no plain MD5: multipart,
-        SSE-KMS) is downloaded and checked against its sha256, in parallel, ~``_THREADS`` shards in memory.
+        SSE-KMS) is downloaded and checked against its sha256, in parallel, ~``THREADS`` shards in memory.
         A corrupt shard is marked and dropped from the index, so its rows show up in :meth:`missing` and are
         encoded again instead of failing a later read. (Bit rot under an unchanged ETag is still caught by
         :meth:`read`'s sha256 check: that read fails, the shard is marked, and the next run heals it.)
@@ -434,7 +433,7 @@ class EmbeddingCache:
                 return CorruptShard(shard.id, exc.reason, tuple(h.decode() for h in rows))
             return None
 
-        with ThreadPoolExecutor(_THREADS) as pool:
+        with ThreadPoolExecutor(THREADS) as pool:
             bad = [c for c in pool.map(check, work) if c is not None]
         for corrupt in bad:
             self._mark(corrupt)
@@ -477,11 +476,11 @@ class EmbeddingCache:
             out = np.empty((len(hashes), dim), dtype=np.float32)
         elif len(out) != len(hashes) or out.shape[1] != dim:
             raise ValueError(f"out is {tuple(out.shape)}; need ({len(hashes)}, {dim})")
-        with ThreadPoolExecutor(_THREADS) as pool:
-            for w in range(0, len(needed), _THREADS):  # a window of downloads in flight bounds memory
-                window = [self._shards[s] for s in needed[w : w + _THREADS]]
+        with ThreadPoolExecutor(THREADS) as pool:
+            for w in range(0, len(needed), THREADS):  # a window of downloads in flight bounds memory
+                window = [self._shards[s] for s in needed[w : w + THREADS]]
                 try:
-                    for shard_vectors, sel in zip(pool.map(self._load_vectors, window), groups[w : w + _THREADS]):
+                    for shard_vectors, sel in zip(pool.map(self._load_vectors, window), groups[w : w + THREADS]):
                         out[sel] = shard_vectors[rows[sel]]
                 except CacheIntegrityError as exc:  # corrupt since the embed stage checked it: mark, then fail
                     shard = next(s for s in window if s.id == exc.shard)
@@ -516,97 +515,3 @@ class EmbeddingCache:
                 self.store.delete(key)
         self._shards = None  # reload on next use
         self._stale = True
-
-
-# ---- audit and repair (`adaptflow cache verify`) -------------------------------------------------------------
-
-
-@dataclass
-class CacheProblem:
-    """One thing ``adaptflow cache verify`` reports, with the objects ``--repair`` deletes (a manifest first).
-
-    ``kind``: ``corrupt`` (a published shard failing its check, or marked by a reader), ``orphan`` (objects
-    of a shard with no manifest, left by a crashed write, older than the age limit) or ``marker`` (a corrupt
-    marker whose shard is gone).
-    """
-
-    kind: str
-    prefix: str
-    reason: str
-    keys: list[str] = field(default_factory=list)
-
-
-@dataclass
-class CacheAudit:
-    """What :func:`audit` found under ``embeddings/``."""
-
-    caches: int = 0
-    shards: int = 0
-    problems: list[CacheProblem] = field(default_factory=list)
-    recent_objects: int = 0  # unpublished objects younger than the age limit: maybe a write in flight, left alone
-
-
-def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embeddings/") -> CacheAudit:
-    """Check every shard of every embedding cache in the bucket (each fully downloaded, 8 at a time).
-
-    Args:
-        min_age_s: objects without a manifest count as orphaned only when the newest one of their shard is
-            at least this old (a writer publishes its manifest seconds after its objects).
-    """
-    now = datetime.now(timezone.utc)
-    groups: dict[str, list[dict]] = {}  # "embeddings/<key>/<shards|corrupt>/<id>" -> its objects
-    for obj in store.list_objects(root):
-        parts = obj["Key"].split("/")
-        groups.setdefault("/".join(parts[:4]) if len(parts) > 4 else obj["Key"], []).append(obj)
-    result = CacheAudit(caches=len({k.split("/")[1] for k in groups if k.count("/") >= 1}))
-
-    def published(prefix: str) -> bool:
-        return any(o["Key"] == f"{prefix}/{MANIFEST}" for o in groups.get(prefix, []))
-
-    def keys(prefix: str) -> list[str]:  # the manifest first: readers stop seeing the prefix at once
-        names = sorted(o["Key"] for o in groups.get(prefix, []))
-        return sorted(names, key=lambda k: not k.endswith(f"/{MANIFEST}"))
-
-    shards = [p for p in groups if p.count("/") == 3 and p.split("/")[2] == "shards" and published(p)]
-    result.shards = len(shards)
-    with ThreadPoolExecutor(_THREADS) as pool:
-        reasons = dict(zip(shards, pool.map(lambda p: check_shard(store, p), shards)))
-    for prefix, objects in sorted(groups.items()):
-        parts = prefix.split("/")
-        kind = parts[2] if len(parts) == 4 else None
-        marker = "/".join([*parts[:2], MARKERS, parts[3]]) if kind == "shards" else None
-        if kind == "shards" and published(prefix):
-            if marker in groups:
-                meta = (store.read_manifest(marker) or {}).get("meta", {})
-                reason = f"marked corrupt by a reader: {meta.get('reason', '?')}"
-                result.problems.append(CacheProblem("corrupt", prefix, reason, keys(prefix) + keys(marker)))
-            elif reasons.get(prefix):
-                result.problems.append(CacheProblem("corrupt", prefix, reasons[prefix], keys(prefix)))
-        elif kind == MARKERS:
-            if not published("/".join([*parts[:2], "shards", parts[3]])):
-                result.problems.append(CacheProblem("marker", prefix, "a corrupt marker whose shard is gone",
-                                                    keys(prefix)))
-        else:  # objects of a shard that was never published (or of no shard at all)
-            age = min((now - o["LastModified"]).total_seconds() for o in objects)
-            if age < min_age_s:
-                result.recent_objects += len(objects)
-                continue
-            reason = f"{len(objects)} object(s) without a {MANIFEST}, newest {age:.0f} s old (an interrupted write)"
-            result.problems.append(CacheProblem("orphan", prefix, reason, keys(prefix)))
-    return result
-
-
-def repair(store: ArtifactStore, problems: Iterable[CacheProblem]) -> int:
-    """Delete what ``problems`` name, each manifest first; needs ``s3:DeleteObject``. Returns objects deleted.
-
-    Deleting rather than moving to a quarantine prefix: a shard is derived data (its rows are encoded again
-    from the tokens), its marker and this command's output record why it went, and a copy would need a prefix
-    outside the worker policy.
-    """
-    deleted = 0
-    for problem in problems:
-        for key in dict.fromkeys(problem.keys):
-            store.delete(key)
-            deleted += 1
-        log.info("removed %s (%s): %s", store.uri(problem.prefix), problem.kind, problem.reason)
-    return deleted

@@ -38,7 +38,7 @@ def verify(
     ignored) and orphaned objects of crashed writes. Exit 1 when problems are left; with --repair they are
     deleted (each manifest first) and the exit is 0. Runs never need this: they skip corrupt shards and
     encode their rows again; it frees the space and the markers, by an identity allowed to delete."""
-    from adaptflow.cache import audit, repair as repair_problems
+    from adaptflow.cache_audit import audit, repair as repair_problems
 
     try:
         store = ArtifactStore.from_settings(load_settings(), bucket=bucket)
