@@ -23,14 +23,7 @@ from typing import Callable
 from adaptflow import processes
 from adaptflow.ports import HOST, TWIN_OFFSET, PortError, choose_port, free_port, port_free, who_listens
 from adaptflow.settings import Settings, load_settings
-from adaptflow.stack_state import (
-    DEFAULT_STATE_DIR,
-    STACK_FILE,
-    create_credentials,
-    locked,
-    read_stack_state,
-    write_services,
-)
+from adaptflow.stack_state import DEFAULT_STATE_DIR, STACK_FILE, create_credentials, locked, read_stack_state, write_services
 
 SERVICES = ("s3", "mlflow", "prefect")
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
