@@ -109,13 +109,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
-    """The sha256 hex digest and size of a file, read in 1 MiB chunks."""
-    h, size = hashlib.sha256(), 0
+    """The sha256 hex digest and size (bytes read) of a file."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+        return hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
 
 
 def _join(prefix: str, name: str) -> str:

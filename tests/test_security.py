@@ -28,9 +28,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from adaptflow import stack
 from adaptflow.config import build_config
 from adaptflow.encoders import EncoderError, load_encoder, push_encoder, resolve_encoder, snapshot_files
+from adaptflow.stack_state import read_stack_state
 from adaptflow.store import ArtifactStore, IntegrityError, StoreError
 from tests.fixtures.faults import scan_bucket
 
@@ -51,7 +51,7 @@ def test_generated_credentials_file_is_0600_and_stays_so(stack_services):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     os.chmod(path, 0o644)  # someone loosened it: the next read tightens it again
     try:
-        assert stack.credentials(stack_services["state_dir"])["aws_secret_access_key"]
+        assert read_stack_state(stack_services["state_dir"]).credentials["aws_secret_access_key"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         os.chmod(path, 0o600)

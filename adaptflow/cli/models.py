@@ -11,10 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from adaptflow.cli.errors import fail
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 app = typer.Typer(help="Inspect registered models and their alias history.", no_args_is_help=True)
-
-StateDir = Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")]
 
 
 def _client(state_dir: Optional[Path]):
@@ -32,7 +31,7 @@ def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version to make champion.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")],
-    state_dir: StateDir = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Make VERSION the champion by hand, bypassing the gate (recorded with your user name and reason)."""
     from adaptflow.registry import CHAMPION, move_alias
@@ -49,7 +48,7 @@ def promote(
 def rollback(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     reason: Annotated[str, typer.Option(help="Why (recorded in the audit trail).")] = "manual rollback",
-    state_dir: StateDir = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Move champion back to the previous champion (recorded)."""
     from adaptflow.registry import rollback as rollback_alias
@@ -65,7 +64,7 @@ def rollback(
 def history(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object: versions and alias moves.")] = False,
-    state_dir: StateDir = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Versions with their gate decisions, current aliases, and every alias move (who, when, from → to, why)."""
     from adaptflow.registry import alias_history

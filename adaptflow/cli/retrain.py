@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from adaptflow.cli.errors import fail, quiet_console_tracebacks
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 # No telemetry from the ephemeral Prefect server a run without PREFECT_API_URL starts: offline it only fails,
 # and its failure lands on the console as a traceback (SQLite "database is locked", unknown host).
@@ -34,7 +35,7 @@ def retrain(
     config: Annotated[str, typer.Argument(help="YAML config: a local path or an s3:// URI.")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a key, e.g. --set head.epochs=20 (repeatable).")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Retrain a classifier head and register it in MLflow.
 
