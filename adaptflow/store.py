@@ -299,10 +299,8 @@ class ArtifactStore:
             raise IntegrityError(f"{self.uri(key)}: downloaded {size} bytes, the server reports "
                                  f"{head.get('ContentLength')}; it changed during the download, or the transfer broke")
         if re.fullmatch(r"[0-9a-f]{32}", etag):
-            md5 = hashlib.md5(usedforsecurity=False)
             with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    md5.update(chunk)
+                md5 = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
             if md5.hexdigest() != etag:
                 raise IntegrityError(f"{self.uri(key)}: downloaded bytes have MD5 {md5.hexdigest()}, the object's "
                                      f"ETag is {etag}; it changed during the download, or the transfer broke")
