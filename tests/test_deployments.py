@@ -205,7 +205,7 @@ def test_gpu_limit_one_keeps_embeds_apart_two_lets_them_overlap(prefect_server, 
     data = tmp_path / "reviews.csv"
     pd.read_csv(ROOT / "examples/data/rotten_tomatoes.csv").sample(n=200, random_state=7).to_csv(data, index=False)
     config = RunConfig.model_validate({"name": "gpu-slot-test", "data": {"train": str(data)},
-                                       "encoder": {"ref": tiny_encoder_path, "max_length": 32},
+                                       "encoder": {"ref": str(tiny_encoder_path), "max_length": 32},
                                        "head": {"epochs": 2}})
     ctx = StageContext.from_env(settings)  # the parent's part, done here: the runs get its outputs
     snapshot = ingest_stage(ctx, config)
