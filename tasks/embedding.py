@@ -50,12 +50,17 @@ def run_on_gpu_pool(deployment: str, flow_name: str, parameters: dict, parent_ru
     TimeoutError names it.
     """
     from prefect.deployments import run_deployment
-    from prefect.logging import get_run_logger
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger, get_run_logger
 
     if timeout_s is None:
         timeout_s = RunConfig.model_validate(parameters["config"]).orchestration.gpu_timeout_s
     pool = require_online_worker(deployment)
-    get_run_logger().info("handing embed + fit head to deployment %s on work pool %r (waiting at most %.0f s)",
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called outside a flow run (its body, from a test)
+        logger = get_logger("adaptflow.gpu_pool")
+    logger.info("handing embed + fit head to deployment %s on work pool %r (waiting at most %.0f s)",
                           deployment, pool, timeout_s)
     child = run_deployment(deployment, parameters={**parameters, "parent_run_id": parent_run_id}, timeout=timeout_s,
                            poll_interval=2)

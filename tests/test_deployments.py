@@ -150,7 +150,10 @@ def embed_spans(client, run_ids: list) -> dict:
             if r.name.startswith("embed_texts") and r.start_time is not None}
 
 
-def test_handing_work_to_a_pool_nobody_polls_fails_fast_naming_the_pool(prefect_server):
+def test_gpu_handoff_fails_fast_without_a_worker_and_is_cancelled_past_its_timeout(prefect_server):
+    """No worker polls pool gpu: the hand-off fails at once naming the pool and the command (the old code waited
+    for ever). A worker that is online but never picks the run up: the wait ends at the timeout, the run is
+    cancelled and the error names it."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -182,6 +185,12 @@ def test_handing_work_to_a_pool_nobody_polls_fails_fast_naming_the_pool(prefect_
     assert "'gpu'" in str(error) and "`adaptflow worker --pool gpu`" in str(error), str(error)
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
         assert client.read_flow_runs() == [], "nothing may be left queued in a pool nobody polls"
+        client.send_worker_heartbeat("gpu", "stuck-worker")  # online, but it will never take a run
+        with pytest.raises(TimeoutError, match=r"orchestration\.gpu_timeout_s=2 s") as timed_out:
+            run_on_gpu_pool.fn(GPU_DEPLOYMENT, FLOW_NAME, {"config": config}, "parent-run", timeout_s=2)
+        (child,) = client.read_flow_runs()
+        assert str(child.id) in str(timed_out.value)
+        assert client.read_flow_run(child.id).state.is_cancelled()
 
 
 @pytest.mark.slow
@@ -263,3 +272,29 @@ def test_gpu_limit_one_keeps_embeds_apart_two_lets_them_overlap(prefect_server, 
     assert first[1] <= second[0], f"limit 1: the embeds overlapped: {spans[1]}"
     (first, second) = spans[2]
     assert second[0] < first[1], f"limit 2: the embeds did not overlap: {spans[2]}"
+
+
+def test_every_stage_task_is_bounded_and_a_timed_out_attempt_is_not_retried(prefect_harness):
+    from prefect import Task, flow
+
+    from tasks import data, embedding, promotion, registry, training
+    from tasks.policy import stage_task
+
+    stage_tasks = {t.name: t for module in (data, embedding, promotion, registry, training)
+                   for t in vars(module).values() if isinstance(t, Task) and t.name != "run_on_gpu_pool"}
+    # run_on_gpu_pool is bounded by orchestration.gpu_timeout_s instead (see the test above)
+    assert len(stage_tasks) == 10 and all(t.timeout_seconds for t in stage_tasks.values()), {
+        name: t.timeout_seconds for name, t in stage_tasks.items()}
+    assert stage_tasks["embed_texts"].timeout_seconds >= 3600 and stage_tasks["fit_head"].timeout_seconds >= 3600
+    attempts = []
+
+    @stage_task("hangs", timeout_seconds=1)
+    def hangs() -> None:
+        attempts.append(time.time())
+        time.sleep(120)
+
+    @flow
+    def runs_it() -> str:
+        return hangs(return_state=True).name
+
+    assert runs_it() == "TimedOut" and len(attempts) == 1, attempts  # the retries (2, 5, 15 s) were not used
