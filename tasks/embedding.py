@@ -60,8 +60,8 @@ def run_on_gpu_pool(deployment: str, flow_name: str, parameters: dict, parent_ru
         logger = get_run_logger()
     except MissingContextError:  # called outside a flow run (its body, from a test)
         logger = get_logger("adaptflow.gpu_pool")
-    logger.info("handing embed + fit head to deployment %s on work pool %r (waiting at most %.0f s)",
-                          deployment, pool, timeout_s)
+    logger.info("handing embed + fit head to deployment %s on work pool %r (waiting at most %.0f s)", deployment,
+                pool, timeout_s)
     child = run_deployment(deployment, parameters={**parameters, "parent_run_id": parent_run_id}, timeout=timeout_s,
                            poll_interval=2)
     if child.state is None or not child.state.is_final():
