@@ -85,6 +85,9 @@ class OrchestrationSection(_Section):
     gpu_deployment: str | None = Field(
         None, description="Prefect deployment (FLOW/NAME) that runs embed + fit_head on the gpu pool; "
         "unset: ADAPTFLOW_GPU_DEPLOYMENT, else inline")
+    gpu_timeout_s: float = Field(
+        6 * 3600, gt=0, description="seconds the parent waits for the gpu subflow (queueing, waiting for a slot "
+        "of the `gpu` limit, embed, fit head) before cancelling it and failing with its id")
 
 
 class RunConfig(_Section):

@@ -4,8 +4,8 @@
   scheduled run waits in the queue rather than racing the first).
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
-  ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable), holding one slot of the global limit ``gpu`` while
-  embedding.
+  ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable); embed + fit head hold one slot of the global limit ``gpu``
+  (``tasks/gpu_slot.py``), so runs on several gpu workers never share one GPU.
 
 Run it with ``adaptflow deploy`` (or ``python -m deployments.deploy``). Credentials are never deployment
 parameters: workers take them from their own environment (``adaptflow worker`` exports them).
