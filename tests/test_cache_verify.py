@@ -83,7 +83,7 @@ def test_a_corrupt_shard_is_skipped_and_its_rows_encoded_again(ctx, tmp_path, ti
     assert first["cached"] == 0
 
     cache = cache_of(ctx, config, encoder)
-    texts = pd.concat([stages._read_frame(ctx, validated[s])["text"] for s in ("train", "test")])
+    texts = pd.concat([stages.read_frame(ctx, validated[s])["text"] for s in ("train", "test")])
     hashes = [text_sha256(t) for t in texts]
     clean = cache.read(hashes)
     manifests = shard_manifests(ctx.store, cache)
@@ -121,7 +121,7 @@ def test_a_corrupt_shard_found_by_a_read_is_marked_and_healed_by_the_next_embed(
     stages.embed_stage(ctx, config, tokens, encoder)
     cache = cache_of(ctx, config, encoder)
     bad_rows = corrupt_vectors(ctx.store, shard_manifests(ctx.store, cache)[0].rsplit("/", 1)[0])
-    texts = stages._read_frame(ctx, validated["train"])["text"]
+    texts = stages.read_frame(ctx, validated["train"])["text"]
     with pytest.raises(CacheIntegrityError, match="adaptflow cache verify --repair") as caught:
         cache.read([text_sha256(t) for t in texts])
     assert "drop_shard" not in str(caught.value)
