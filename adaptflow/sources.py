@@ -68,6 +68,7 @@ class _Partition:
     size: int
     etag: str
     keys: dict[str, str]  # Hive partition keys from the folders
+    relative: str = ""  # the path below the location's base (folder, prefix or glob base)
 
 
 def describe(location: str | os.PathLike | list[str] | None) -> str | None:
@@ -98,6 +99,44 @@ def read_source(location: str | os.PathLike | list[str], *, text_column: str, la
                         f"Add data rows or point at the right location.")
     frame = pd.concat(reader.frames, ignore_index=True) if len(reader.frames) > 1 else reader.frames[0]
     return SourceRows(frame.reset_index(drop=True), reader.partitions)
+
+
+def list_partitions(location: str | os.PathLike, *, store=None, settings=None) -> list[dict]:
+    """The data files of a file, folder/prefix or glob location, without reading them: one dict per partition
+    with ``path``, ``relative`` (below the location's base; a single file's name), ``size``, ``etag`` and ``keys``
+    (its Hive keys). For readers that need every column (batch scoring) rather than the normalised frame.
+
+    Raises:
+        DataError: a missing location, no data file under it, an unsupported file, a Hugging Face dataset.
+    """
+    location = os.fspath(location)
+    kind = location_kind(location)
+    reader = _Reader({}, store=store, settings=settings, split="train")
+    if kind in ("hf_disk", "hf_hub"):
+        raise DataError(f"{location}: a Hugging Face dataset; batch scoring reads files, folders, prefixes and globs.")
+    if kind == "file":
+        name = location.rstrip("/").rsplit("/", 1)[-1]
+        _check_suffix(location, location)
+        if location.startswith("s3://"):
+            part = reader._s3_object(location)
+            if not part.etag:
+                raise DataError(f"{location}: no such object.")
+        else:
+            path = Path(location)
+            if not path.is_file():
+                raise DataError(f"{location}: no such file or folder (looked for {path.resolve()}).")
+            path = path.resolve()
+            part = _Partition(str(path), path.stat().st_size, _sha256(path), {})
+        parts = [part]
+        parts[0].relative = name
+    else:
+        parts = reader._list(location, kind)
+        if not parts:
+            what = "matches this glob" if kind == "glob" else "lies under this folder/prefix"
+            raise DataError(f"{location}: no data file ({', '.join(SUPPORTED_SUFFIXES)}) {what}. Check the path; "
+                            f"names starting with '_' or '.' are skipped.")
+    return [{"path": p.path, "relative": p.relative or p.path.rsplit("/", 1)[-1], "size": p.size, "etag": p.etag,
+             "keys": p.keys} for p in parts]
 
 
 def location_kind(location: str) -> str:
@@ -298,7 +337,7 @@ class _Reader:
                 uri = f"s3://{bucket}/{obj['Key']}"
                 _check_suffix(uri, location)
                 parts.append(_Partition(uri, int(obj["Size"]), str(obj.get("ETag", "")).strip('"'),
-                                        _hive_keys(relative, uri)))
+                                        _hive_keys(relative, uri), relative))
             return sorted(parts, key=lambda p: p.path)
         if kind == "glob":
             base = Path(_glob_base(location))
@@ -315,7 +354,8 @@ class _Reader:
             if _skipped(relative):
                 continue
             _check_suffix(str(path), location)
-            parts.append(_Partition(str(path), path.stat().st_size, _sha256(path), _hive_keys(relative, str(path))))
+            parts.append(_Partition(str(path), path.stat().st_size, _sha256(path), _hive_keys(relative, str(path)),
+                                    relative))
         return parts
 
     def _s3_list(self, location: str, bucket: str, prefix: str) -> list[dict]:
@@ -502,4 +542,4 @@ def partition_summary(partitions: Iterable[dict]) -> str:
             f"{sum(p['size'] for p in parts) / 1e6:.1f} MB")
 
 
-__all__ = ["SourceRows", "describe", "location_kind", "partition_summary", "read_source", "s3_filesystem"]
+__all__ = ["SourceRows", "describe", "list_partitions", "location_kind", "partition_summary", "read_source", "s3_filesystem"]

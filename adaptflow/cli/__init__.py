@@ -16,6 +16,7 @@ from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
 from adaptflow.cli.models import app as models_app, promote, rollback  # noqa: E402
 from adaptflow.cli.predict import predict  # noqa: E402
 from adaptflow.cli.retrain import retrain  # noqa: E402
+from adaptflow.cli.score import score  # noqa: E402
 from adaptflow.cli.stack import app as stack_app  # noqa: E402
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.add_typer(cache_app, name="cache", help="Check and repair the embedding cach
 app.add_typer(models_app, name="models", help="Registered models: versions, decisions, alias history.")
 app.command()(retrain)
 app.command()(predict)
+app.command()(score)
 app.command()(promote)
 app.command()(rollback)
 app.command()(deploy)
