@@ -3,6 +3,8 @@
 - ``retrain-from-config/retrain-nightly``: cron-scheduled, pool ``cpu``, concurrency limit 1 (a second
   scheduled run waits in the queue rather than racing the first).
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
+- ``score/score-nightly`` (``deploy_scoring``): batch scoring of a lake with ``models:/NAME@champion``, pool
+  ``cpu``, cron and on ``adaptflow.data.changed``; one at a time; idempotent per partition and model version.
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
   ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable); embed + fit head hold one slot of the global limit ``gpu``
   (``tasks/gpu_slot.py``), so runs on several gpu workers never share one GPU.
@@ -18,9 +20,11 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
 from flows.retrain import retrain_from_config
+from flows.score import score as score_flow
 from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +73,45 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
                      description="Embed (frozen encoder) + fit head on the GPU pool", tags=["adaptflow", "gpu"])
         names.append(GPU_DEPLOYMENT)
     return names
+
+
+SCORE_CRON = "0 4 * * *"  # after retrain-nightly (02:00) has had its chance to promote a new champion
+DATA_CHANGED = "adaptflow.data.changed"
+SCORE_DEPLOYMENT = "score/score-nightly"
+
+
+def score_data_changed_trigger(parameters: dict, *, config_uri: str | None = None,
+                               within_s: int = 300) -> DeploymentEventTrigger:
+    """score-nightly's trigger: ``adaptflow.data.changed`` (for ``config_uri``, or any watched config) starts one
+    scoring run; scoring skips what it has already scored, so a run on an unrelated change costs a listing."""
+    return DeploymentEventTrigger(
+        name="score-when-data-lands", description=f"{DATA_CHANGED} starts one scoring run",
+        match={"prefect.resource.id": f"adaptflow.config.{config_uri}" if config_uri else "adaptflow.config.*"},
+        expect={DATA_CHANGED}, posture="Reactive", threshold=1, within=within_s,
+        parameters=parameters)
+
+
+def deploy_scoring(model_uri: str, input: str, output: str, *, cron: str = SCORE_CRON, timezone: str = "UTC",
+                   source: Path = PROJECT_ROOT, config_uri: str | None = None, keep_columns: list[str] | None = None,
+                   pool_type: str = "process") -> str:
+    """Create or update ``score/score-nightly`` on pool ``cpu``: cron, and on ``adaptflow.data.changed``; one at a
+    time (a second run waits). Returns its ``FLOW/NAME``.
+
+    Args:
+        model_uri: usually ``models:/NAME@champion``, so each run scores with whichever version is champion then.
+        input / output: the lake to score and where the scores go (see ``adaptflow score``).
+        config_uri: only data changes of this watched config trigger a run (default: any).
+    """
+    ensure_pools(pool_type)
+    parameters = {"model_uri": model_uri, "input": input, "output": output,
+                  **({"keep_columns": keep_columns} if keep_columns else {})}
+    trigger = score_data_changed_trigger(parameters, config_uri=config_uri)
+    flow = score_flow.from_source(source=str(source), entrypoint="flows/score.py:score")
+    flow.deploy(name="score-nightly", work_pool_name="cpu", cron=cron, parameters=parameters, triggers=[trigger],
+                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+                print_next_steps=False, tags=["adaptflow", "nightly", "score"],
+                description="Score new lake partitions with the champion (cached embeddings, idempotent)")
+    return SCORE_DEPLOYMENT
 
 
 if __name__ == "__main__":

@@ -256,3 +256,21 @@ def test_cli_json_summary_and_exit_codes(ctx, registered, tmp_path, restored_env
     unknown = CliRunner().invoke(app, ["score", "models:/no-such-model/7", "--input", str(source), "--output",
                                        str(tmp_path / "o2")])
     assert unknown.exit_code == 2 and "no-such-model" in unknown.output
+
+
+def test_score_nightly_deployment_has_a_cron_and_a_data_changed_trigger(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from deployments.deploy import SCORE_DEPLOYMENT, deploy_scoring
+
+    params = {"model_uri": "models:/reviews@champion", "input": "s3://lake/reviews/", "output": "s3://lake/scores"}
+    assert deploy_scoring(**params, keep_columns=["id", "dt"]) == SCORE_DEPLOYMENT
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(SCORE_DEPLOYMENT)
+        assert deployment.work_pool_name == "cpu" and deployment.parameters == {**params, "keep_columns": ["id", "dt"]}
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 4 * * *"]
+        automations = [a for a in client.read_automations() if a.name == "score-when-data-lands"]
+        assert len(automations) == 1
+        trigger, action = automations[0].trigger, automations[0].actions[0]
+        assert trigger.expect == {"adaptflow.data.changed"} and action.deployment_id == deployment.id
+        assert action.parameters == {**params, "keep_columns": ["id", "dt"]}
