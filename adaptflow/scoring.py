@@ -86,7 +86,8 @@ class ScoreRequest(BaseModel):
         clash = [c for c in value if c in OUTPUT_COLUMNS or c.startswith("proba_")]
         if clash:
             raise ValueError(f"--keep-columns {', '.join(clash)}: these names are output columns of scoring "
-                             f"({', '.join(OUTPUT_COLUMNS)}, proba_<class>); rename them in the input or leave them out")
+                             f"({', '.join(OUTPUT_COLUMNS)}, proba_<class>); rename them in the input or leave "
+                             f"them out")
         return list(dict.fromkeys(value))
 
 
@@ -521,5 +522,5 @@ def model_from_dict(data: dict) -> ScoringModel:
     return ScoringModel(**{f.name: data[f.name] for f in fields(ScoringModel) if f.name in data})
 
 
-__all__ = ["CHUNK_ROWS", "DATA_OBJECT", "ScoreRequest", "ScoringModel", "list_scored", "model_dict", "model_from_dict", "output_prefix",
-           "read_scored", "resolve_model", "score_location"]
+__all__ = ["CHUNK_ROWS", "DATA_OBJECT", "ScoreRequest", "ScoringModel", "list_scored", "model_dict", "model_from_dict",
+           "output_prefix", "read_scored", "resolve_model", "score_location"]

@@ -542,4 +542,5 @@ def partition_summary(partitions: Iterable[dict]) -> str:
             f"{sum(p['size'] for p in parts) / 1e6:.1f} MB")
 
 
-__all__ = ["SourceRows", "describe", "list_partitions", "location_kind", "partition_summary", "read_source", "s3_filesystem"]
+__all__ = ["SourceRows", "describe", "list_partitions", "location_kind", "partition_summary", "read_source",
+           "s3_filesystem"]
