@@ -28,6 +28,7 @@ the head and appended to the partition's Parquet file. CSV/JSONL partitions are 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -248,7 +249,7 @@ def read_scored(output: str, *, store=None):
             tables.append(pq.read_table(io.BytesIO(store.with_bucket(bucket).get_verified_bytes(key))))
         else:
             tables.append(pq.read_table(part["data"]))
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -380,11 +381,9 @@ class _Scorer:
         self.counters.cached += len(hit)
         return vectors, inverse
 
-    def score(self, table: pa.Table, *, start_row: int, scored_at: datetime, source: str) -> pa.Table:
-        """One chunk of input rows → its output rows."""
-        from adaptflow.heads import predict_proba
-
-        request, n = self.request, table.num_rows
+    def check(self, table: pa.Table, source: str) -> None:
+        """The text column and the kept columns must be there (DataError naming the partition)."""
+        request = self.request
         if request.text_column not in table.column_names:
             raise DataError(f"{source}: no text column {request.text_column!r} (columns: "
                             f"{', '.join(table.column_names)}); pass --text-column")
@@ -392,7 +391,16 @@ class _Scorer:
         if absent:
             raise DataError(f"{source}: --keep-columns {', '.join(absent)} not found (columns: "
                             f"{', '.join(table.column_names)})")
-        raw = table.column(request.text_column).to_pylist()
+
+    def score(self, chunks: list[tuple[pa.Table, int]], *, scored_at: datetime) -> list[pa.Table]:
+        """Checked chunks of input rows, each with the input-file position of its first row → their output rows.
+
+        All chunks share one cache lookup and one encoder pass (small partitions are scored together).
+        """
+        from adaptflow.heads import predict_proba
+
+        raw = [v for table, _ in chunks for v in table.column(self.request.text_column).to_pylist()]
+        n = len(raw)
         texts = [normalise_text(v) if isinstance(v, str) or is_missing(v) else None for v in raw]
         reasons = [None if t else ("missing text" if is_missing(v) else "empty text" if isinstance(v, str)
                                    else f"text is a {type(v).__name__}, not a string")
@@ -401,25 +409,30 @@ class _Scorer:
         good_rows = np.flatnonzero(good)
         vectors, inverse = self.vectors([texts[i] for i in good_rows])
         proba = np.full((n, len(self.labels)), np.nan)
-        label_index = np.full(n, -1, dtype=np.int64)
+        label_index = np.zeros(n, dtype=np.int64)
         if len(good_rows):
             p = predict_proba(self.head, vectors)[inverse]
             proba[good_rows], label_index[good_rows] = p, p.argmax(axis=1)
-        labels = pa.array(np.asarray(self.labels, dtype=object)[np.maximum(label_index, 0)], pa.string(),
-                          mask=~good)
-        columns = {c: table.column(c) for c in request.keep_columns}
-        columns["row"] = pa.array(np.arange(start_row, start_row + n, dtype=np.int64))
-        columns["label"] = labels
-        for j, name in enumerate(self.labels):
-            columns[f"proba_{name}"] = pa.array(proba[:, j], pa.float64(), mask=~good)
-        columns["reason"] = pa.array(reasons, pa.string())
-        columns["model_name"] = pa.array([self.model.name] * n, pa.string())
-        columns["model_version"] = pa.array([self.model.version] * n, pa.string())
-        columns["encoder_digest"] = pa.array([self.model.encoder_digest] * n, pa.string())
-        columns["scored_at"] = pa.array([scored_at] * n, pa.timestamp("us", tz="UTC"))
+        names = np.asarray(self.labels, dtype=object)
         self.counters.rows += n
         self.counters.bad_rows += int(n - len(good_rows))
-        return pa.table(columns)
+        out, offset = [], 0
+        for table, start_row in chunks:
+            rows, k = slice(offset, offset + table.num_rows), table.num_rows
+            offset += k
+            missing = ~good[rows]
+            columns = {c: table.column(c) for c in self.request.keep_columns}
+            columns["row"] = pa.array(np.arange(start_row, start_row + k, dtype=np.int64))
+            columns["label"] = pa.array(names[label_index[rows]], pa.string(), mask=missing)
+            for j, name in enumerate(self.labels):
+                columns[f"proba_{name}"] = pa.array(proba[rows, j], pa.float64(), mask=missing)
+            columns["reason"] = pa.array(reasons[rows], pa.string())
+            columns["model_name"] = pa.array([self.model.name] * k, pa.string())
+            columns["model_version"] = pa.array([self.model.version] * k, pa.string())
+            columns["encoder_digest"] = pa.array([self.model.encoder_digest] * k, pa.string())
+            columns["scored_at"] = pa.array([scored_at] * k, pa.timestamp("us", tz="UTC"))
+            out.append(pa.table(columns))
+        return out
 
 
 def score_location(ctx: StageContext, request: ScoreRequest, model: ScoringModel | None = None, *,
@@ -449,49 +462,82 @@ def score_location(ctx: StageContext, request: ScoreRequest, model: ScoringModel
     scorer: _Scorer | None = None
     scored_at = datetime.now(timezone.utc)
     written, skipped, bad = [], [], []
-    for part in partitions:
-        prefix = output_prefix(request.output, model, part["relative"])
-        source = {"path": part["path"], "size": part["size"], "etag": part["etag"]}
-        done = output.manifest(prefix)
-        if done is not None:
-            if done["meta"].get("input", {}).get("etag") == part["etag"]:
-                skipped.append(prefix)
-                continue
-            problem = DataError(f"{part['path']}: changed since version {model.version} scored it into {prefix} "
-                                f"(ETag {done['meta'].get('input', {}).get('etag')} then, {part['etag']} now); "
-                                f"remove that prefix to score the partition again")
-            if request.on_bad_partition == "fail":
-                raise problem
-            bad.append({"path": part["path"], "reason": str(problem)})
-            continue
-        scorer = scorer or _Scorer(ctx, model, request, device)
-        rows_before = scorer.counters.rows
-        tmp, writer = output.temp_file(prefix), None
+    pending: list[tuple[dict, str, pa.Table]] = []  # small partitions read, waiting to be scored together
+
+    def left_out(part: dict, problem: DataError) -> None:
+        if request.on_bad_partition == "fail":
+            flush()  # the good partitions read before it are published: a re-run resumes after them
+            raise problem
+        log.warning("scoring: partition left out (--on-bad-partition skip): %s", problem)
+        bad.append({"path": part["path"], "reason": str(problem)})
+
+    def write(part: dict, prefix: str, tables: Iterator[pa.Table]) -> None:
+        """Score ``tables`` (scored already, or to score a chunk at a time) into the partition's Parquet file."""
+        tmp, writer, rows = output.temp_file(prefix), None, 0
         try:
-            start = 0
-            for table in _partition_batches(part, ctx, chunk_rows):
-                out = scorer.score(table, start_row=start, scored_at=scored_at, source=part["path"])
-                start += table.num_rows
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, out.schema)
+            for out in tables:
+                writer = writer or pq.ParquetWriter(tmp, out.schema)
                 writer.write_table(out)
+                rows += out.num_rows
             writer.close()
             writer = None
-            meta = {"input": source, "rows": start, "model_name": model.name, "model_version": model.version,
-                    "encoder_digest": model.encoder_digest, "labels": scorer.labels, "format": SCORING_FORMAT,
-                    "scored_at": scored_at.isoformat(timespec="seconds")}
-            output.publish(prefix, tmp, meta)
+            output.publish(prefix, tmp, {
+                "input": {"path": part["path"], "size": part["size"], "etag": part["etag"]}, "rows": rows,
+                "model_name": model.name, "model_version": model.version, "encoder_digest": model.encoder_digest,
+                "labels": scorer.labels, "format": SCORING_FORMAT, "scored_at": scored_at.isoformat(timespec="seconds")})
             written.append(prefix)
-        except DataError as exc:
-            scorer.counters.rows = rows_before  # a partition left out counts no rows
-            if request.on_bad_partition == "fail":
-                raise
-            log.warning("scoring: partition left out (--on-bad-partition skip): %s", exc)
-            bad.append({"path": part["path"], "reason": str(exc)})
         finally:
             if writer is not None:
                 writer.close()
             tmp.unlink(missing_ok=True)
+
+    def flush() -> None:
+        if pending and scorer is not None:
+            outs = scorer.score([(table, 0) for _, _, table in pending], scored_at=scored_at)
+            for (part, prefix, _), out in zip(pending, outs):
+                write(part, prefix, iter([out]))
+            pending.clear()
+
+    def streamed(part: dict, chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        start = 0
+        for table in chunks:
+            scorer.check(table, part["path"])
+            yield scorer.score([(table, start)], scored_at=scored_at)[0]
+            start += table.num_rows
+
+    for part in partitions:
+        prefix = output_prefix(request.output, model, part["relative"])
+        done = output.manifest(prefix)
+        if done is not None:
+            if done["meta"].get("input", {}).get("etag") == part["etag"]:
+                skipped.append(prefix)
+            else:
+                left_out(part, DataError(
+                    f"{part['path']}: changed since version {model.version} scored it into {prefix} (ETag "
+                    f"{done['meta'].get('input', {}).get('etag')} then, {part['etag']} now); remove that prefix to "
+                    f"score the partition again"))
+            continue
+        scorer = scorer or _Scorer(ctx, model, request, device)
+        counted = (scorer.counters.rows, scorer.counters.bad_rows)
+        try:
+            chunks = _partition_batches(part, ctx, chunk_rows)
+            first = next(chunks)
+            scorer.check(first, part["path"])
+            second = next(chunks, None)
+            if second is None and first.num_rows < chunk_rows:  # a small partition: scored with the next ones
+                pending.append((part, prefix, first))
+                if sum(t.num_rows for _, _, t in pending) >= chunk_rows:
+                    flush()
+                continue
+            flush()  # keep memory to one chunk's worth of rows
+            counted = (scorer.counters.rows, scorer.counters.bad_rows)
+            write(part, prefix, streamed(part, itertools.chain([first] if second is None else [first, second],
+                                                               chunks)))
+        except DataError as exc:
+            scorer.counters.rows, scorer.counters.bad_rows = counted  # a partition left out counts no rows
+            left_out(part, exc)
+    if scorer is not None:
+        flush()
     seconds = time.perf_counter() - started
     c = scorer.counters if scorer else _Counters()
     summary = {

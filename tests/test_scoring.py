@@ -274,3 +274,27 @@ def test_score_nightly_deployment_has_a_cron_and_a_data_changed_trigger(prefect_
         trigger, action = automations[0].trigger, automations[0].actions[0]
         assert trigger.expect == {"adaptflow.data.changed"} and action.deployment_id == deployment.id
         assert action.parameters == {**params, "keep_columns": ["id", "dt"]}
+
+
+def test_chunked_and_batched_partitions_score_the_same(ctx, registered, tmp_path):
+    """A partition larger than a chunk streams in chunks; small ones are scored together: same rows, same scores."""
+    lake = tmp_path / "lake"
+    sizes = {"2026-12-03": 8, "2026-12-04": 3, "2026-12-05": 2}
+    for day, n in sizes.items():
+        (lake / f"dt={day}").mkdir(parents=True)
+        frame = unlabelled(day, n)
+        if n == 3:
+            frame.to_csv(lake / f"dt={day}" / "part-0.csv", index=False)
+        else:
+            frame.to_parquet(lake / f"dt={day}" / "part-0.parquet", index=False)
+    request = ScoreRequest(model_uri="models:/score-test/1", input=str(lake), output=str(tmp_path / "small"),
+                           keep_columns=["id", "dt"])
+    chunked = score_location(ctx, request, chunk_rows=5)
+    whole = score_location(ctx, request.model_copy(update={"output": str(tmp_path / "whole")}))
+    assert chunked["partitions"]["scored"] == whole["partitions"]["scored"] == 3
+    assert chunked["rows"] == whole["rows"] == 13
+    a = read_scored(str(tmp_path / "small")).to_pandas().sort_values("id").reset_index(drop=True)
+    b = read_scored(str(tmp_path / "whole")).to_pandas().sort_values("id").reset_index(drop=True)
+    assert a.drop(columns="scored_at").equals(b.drop(columns="scored_at"))
+    for day, n in sizes.items():
+        assert sorted(a.loc[a["dt"] == day, "row"]) == list(range(n))
