@@ -79,17 +79,17 @@ def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
     """Resolve the encoder once and pin it as a content-addressed S3 snapshot: every later stage, on whichever
     machine, loads exactly that snapshot by ``ref`` + ``digest`` (and refuses other files); max_length is checked
     against the encoder's limit."""
-    from adaptflow.encoders import encoder_max_length, load_encoder, snapshot_encoder
+    from adaptflow.encoders import encoder_max_length, load_encoder, pin_encoder, resolve_encoder
 
-    resolved = snapshot_encoder(config.encoder.ref, ctx.store, cache_dir=ctx.settings.cache_dir)
-    tokenizer, model = load_encoder(resolved)
+    resolved = resolve_encoder(config.encoder.ref, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    tokenizer, model = load_encoder(resolved)  # a broken encoder fails here, before anything is written
     limit = encoder_max_length(tokenizer, model)
     if config.encoder.max_length > limit:
         raise ValueError(
             f"encoder.max_length={config.encoder.max_length} exceeds what encoder {config.encoder.ref} supports "
             f"({limit} positions); set encoder.max_length to at most {limit}"
         )
-    return {"ref": resolved.ref, "digest": resolved.digest, "source_ref": config.encoder.ref,
+    return {"ref": pin_encoder(resolved, ctx.store), "digest": resolved.digest, "source_ref": config.encoder.ref,
             "hidden_size": int(model.config.hidden_size), "max_positions": limit}
 
 

@@ -70,7 +70,7 @@ def test_every_declared_dependency_is_imported_or_has_a_stated_reason():
 def test_no_s3_client_besides_boto3_caps_it():
     """boto3 has a floor only: nothing declared pins botocore any more (s3fs -> aiobotocore did)."""
     runtime, _ = declared()
-    assert not {"s3fs", "aiobotocore", "datasets"} & set(runtime)
+    assert not {"s3fs", "aiobotocore"} & set(runtime)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     boto3 = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "boto3")
     assert all(spec.operator == ">=" for spec in boto3.specifier), boto3
