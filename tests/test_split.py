@@ -138,3 +138,22 @@ def test_bundled_sets_share_at_the_default_seed(path, group):
     frame = read_source(str(SHARED / path), text_column="text", label_column="label", group_column=group).frame
     train, test = split_frame(frame, test_size=0.2, seed=13)
     assert abs(len(test) / len(frame) - 0.2) <= 0.01
+
+
+def test_ingest_keeps_the_partition_key_and_tests_on_the_newest_day(test_settings, fresh_bucket, tmp_path):
+    from adaptflow.stages import StageContext, ingest_stage, read_frame, validate_stage
+    from adaptflow.store import ArtifactStore
+
+    settings = test_settings.model_copy(update={"bucket": fresh_bucket})
+    ctx = StageContext(settings, ArtifactStore.from_settings(settings))
+    config = build_config({"name": "m", "data": {"train": str(lake(tmp_path)), "split": "time", "time_column": "dt",
+                                                "test_size": 0.2}})
+    snapshot = ingest_stage(ctx, config)
+    assert snapshot["split"] == "time" and snapshot["rows"] == {"train": 800, "test": 200}
+    assert snapshot["shares"]["test"] == 0.2
+    validated = validate_stage(ctx, config, snapshot)
+    test = read_frame(ctx, validated["test"])
+    assert set(test["time"]) == {"2026-12-01"} and len(test) == 200
+    assert read_frame(ctx, validated["train"])["time"].max() == "2026-11-30"
+    hashed = ingest_stage(ctx, config.model_copy(update={"data": config.data.model_copy(update={"split": "hash"})}))
+    assert hashed["split"] == "hash" and hashed["snapshot"] != snapshot["snapshot"]
