@@ -185,7 +185,7 @@ def gate_markdown(result: dict) -> str:
         excluded = result.get("rows_excluded")
         lines += ["", f"Compared on {result['rows_compared']} test rows; " + (
             "the champion has no row manifest, so none could be excluded" if excluded is None else
-            f"{excluded} excluded (the champion trained on them)")]
+            f"{excluded} excluded (rows the champion trained on)")]
     if result.get("evidence"):
         lines += ["", "Evidence per test: " + ", ".join(f"{t} {e}" for t, e in result["evidence"].items())]
     if result.get("class_recall_deltas"):

@@ -59,7 +59,7 @@ def _keys(df: pd.DataFrame, where: str) -> tuple[np.ndarray, list[str]]:
     """Per row, the code of its split key (its group, else its text), and the distinct keys in code order.
 
     Groups and texts are factorised separately (no per-row strings are built); only the distinct keys are
-    spelled out, as ``g\0<group>`` or ``t\0<text>``.
+    spelled out, as ``g\\0<group>`` or ``t\\0<text>``.
     """
     group = df["group"] if "group" in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
     group_codes, groups = pd.factorize(group, use_na_sentinel=True)
