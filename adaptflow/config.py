@@ -37,6 +37,11 @@ class DataSection(_Section):
     label_column: str = "label"
     group_column: str | None = Field(None, description="rows sharing a group never straddle the split")
     test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    split: Literal["hash", "time"] = Field(
+        "hash", description="hash: a row's side is fixed by its group/text and the seed, so growing data never "
+        "moves it; time: the newest test_size of rows (by time_column) is the test set")
+    time_column: str | None = Field(None, description="column or Hive partition key holding each row's time "
+                                    "(numbers or ISO dates); needed by split: time")
     min_class_count: int = Field(2, ge=1, description="classes rarer than this in train are quarantined")
     max_quarantine_fraction: float = Field(0.5, gt=0.0, le=1.0, description="fail above this share of bad rows")
     label_case: Literal["error", "fold"] = Field(
@@ -165,6 +170,9 @@ def build_config(raw: dict, *, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         lines = [_describe(e, source) for e in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    if config.data.split == "time" and not config.data.time_column:
+        raise ConfigError(f"{source}: data.split is 'time' but data.time_column is not set; set data.time_column to "
+                          f"the column or Hive partition key holding each row's time (e.g. dt), or use split: hash.")
     from adaptflow.heads import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
 
     try:

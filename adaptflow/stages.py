@@ -27,7 +27,7 @@ from adaptflow.store import ArtifactStore, ConflictError
 log = logging.getLogger("adaptflow")
 
 # Bump a stage's version when its code changes what it writes: old outputs then stop matching.
-STAGE_VERSIONS = {"ingest": 2, "validate": 2, "tokenize": 2, "train": 1, "evaluate": 2}
+STAGE_VERSIONS = {"ingest": 3, "validate": 2, "tokenize": 2, "train": 1, "evaluate": 2, "lineage": 1}
 
 
 @dataclass
@@ -111,29 +111,35 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
     a list (``adaptflow.sources``); the manifest lists every partition read (path, size, ETag, rows), and the
     snapshot's key covers that listing as well as the rows' digest.
     """
-    from adaptflow.data import frame_digest, split_frame, to_parquet_bytes
+    from adaptflow.data import frame_digest, to_parquet_bytes
     from adaptflow.sources import describe, partition_summary, read_source
+    from adaptflow.split import split_frame, split_shares
 
     d = config.data
     columns = dict(text_column=d.text_column, label_column=d.label_column, group_column=d.group_column)
     source = dict(store=ctx.store, settings=ctx.settings)
-    read = read_source(d.train, split="train", **columns, **source)
+    by_time = d.split == "time" and not d.test
+    read = read_source(d.train, split="train", **columns, **source, time_column=d.time_column if by_time else None)
     train, partitions = read.frame, {"train": read.partitions, "test": []}
     if d.test:
         read = read_source(d.test, split="test", **columns, **source)
         test, partitions["test"] = read.frame, read.partitions
     else:
-        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, source=describe(d.train))
+        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, method=d.split,
+                                  source=describe(d.train))
     del read
+    shares = split_shares(train, test)
     log.info("ingest: train %s; test %s", partition_summary(partitions["train"]),
-             partition_summary(partitions["test"]) if d.test else "split from train")
+             partition_summary(partitions["test"]) if d.test else
+             f"{d.split} split of train: test share {shares['test']:.2%} (test_size {d.test_size:.0%}), by label "
+             + ", ".join(f"{k} {v:.1%}" for k, v in shares["test_by_label"].items()))
     digest = frame_digest(pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True))
     prefix = f"snapshots/{stage_key('ingest', digest=digest, partitions=partitions)}"
     meta = _cached(ctx, prefix) or _publish_once(
         ctx, prefix,
         {"train.parquet": to_parquet_bytes(train), "test.parquet": to_parquet_bytes(test)},
         {"digest": digest, "sources": [describe(d.train), describe(d.test)], "partitions": partitions,
-         "rows": {"train": len(train), "test": len(test)}},
+         "rows": {"train": len(train), "test": len(test)}, "split": None if d.test else d.split, "shares": shares},
     )
     return {"snapshot": ctx.store.uri(prefix), **meta,
             "train": ctx.store.uri(f"{prefix}/train.parquet"), "test": ctx.store.uri(f"{prefix}/test.parquet")}
@@ -374,6 +380,7 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                    validated: dict, embedded: dict, head: dict, evaluation: dict) -> dict:
     """Log the run to MLflow, register the pyfunc model and set its aliases (idempotent per flow run)."""
     from adaptflow.data import frame_digest
+    from adaptflow.lineage import ROWS_TAG, publish_rows, row_manifest
     from adaptflow.registry import DatasetInput, RunRecord, log_and_register
     from adaptflow.serving import ModelSpec
     from adaptflow.store import parse_s3_uri, sha256_file
@@ -388,6 +395,9 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             # what the gate needs to re-score this version later on other rows, without downloading the model
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
             "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"]}
+    tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
+        ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
+        row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):
