@@ -138,8 +138,19 @@ class RowIndex:
         """(positions, found) for ``S32`` digests; a found position is the first copy of that row."""
         if len(self.hashes) == 0:
             return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
-        pos = np.minimum(np.searchsorted(self.hashes, query), len(self.hashes) - 1)
-        return pos, self.hashes[pos] == query
+        # binary search on the digests' first 8 bytes as integers (~20x faster than on 32-byte strings, whose
+        # order they share), then the full digest compared; a row sharing those 8 bytes with another (about
+        # rows^2 / 2^65 of them) is looked up again on the whole digest
+        keys, wanted = _prefix(self.hashes), _prefix(query)
+        order = np.argsort(wanted)  # a sorted query walks the index in order: ~4x faster than random probes
+        pos = np.empty(len(query), dtype=np.int64)
+        pos[order] = np.minimum(np.searchsorted(keys, wanted[order]), len(keys) - 1)
+        found = _same(self.hashes[pos], query)
+        clash = ~found & (keys[pos] == wanted)
+        if clash.any():
+            again = np.minimum(np.searchsorted(self.hashes, query[clash]), len(keys) - 1)
+            pos[clash], found[clash] = again, _same(self.hashes[again], query[clash])
+        return pos, found
 
     def rows_of(self, shard_no: int) -> np.ndarray:
         """The digests of one shard's indexed rows."""
@@ -149,6 +160,17 @@ class RowIndex:
         if len(self.hashes) == 0:
             return 0
         return int(1 + np.count_nonzero(self.hashes[1:] != self.hashes[:-1]))
+
+
+def _prefix(digests: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each ``S32`` digest as a native uint64 (big-endian read: the same order)."""
+    return np.ascontiguousarray(digests, dtype=DIGEST).view(">u8").reshape(-1, 4)[:, 0].astype(np.uint64)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise equality of two ``S32`` arrays, as 4 integer compares each (bytes compares are ~6x slower)."""
+    words = lambda d: np.ascontiguousarray(d, dtype=DIGEST).view(np.uint64).reshape(-1, 4)  # noqa: E731
+    return (words(a) == words(b)).all(axis=1)
 
 
 @dataclass

@@ -46,13 +46,16 @@ def test_the_store_counts_requests_and_bytes_read(store):
 
 
 def test_two_writers_racing_on_the_pointer_lose_nothing(store):
+    seed = EmbeddingCache(store, **SPEC)
+    base = seed.write_shard(*rows(3, seed=99, start=900))
+    assert seed.compact()  # a first generation: the race below is on If-Match, not If-None-Match
     a, b = EmbeddingCache(store, **SPEC), EmbeddingCache(store, **SPEC)
-    assert len(a) == len(b) == 0  # both loaded the same (empty) state
+    assert len(a) == len(b) == 3  # both loaded the same generation
     mine = [a.write_shard(*rows(3, seed=i, start=3 * i)) for i in range(2)]
     theirs = [b.write_shard(*rows(3, seed=10 + i, start=100 + 3 * i)) for i in range(2)]
     assert a.compact() is True
     assert b.compact() is True  # its pointer ETag is stale: it reloads (A's generation + the LIST), then writes
-    assert indexed_shards(store, a) == set(mine + theirs)
+    assert indexed_shards(store, a) == {base, *mine, *theirs}
     hashes = [h for i in range(2) for h in rows(3, start=3 * i)[0]] + \
         [h for i in range(2) for h in rows(3, start=100 + 3 * i)[0]]
     fresh = EmbeddingCache(store, **SPEC)
@@ -63,6 +66,9 @@ def test_two_writers_racing_on_the_pointer_lose_nothing(store):
 
 def test_concurrent_writers_each_compacting_keep_every_shard(store):
     written, start = [], threading.Barrier(4)
+    first = EmbeddingCache(store, **SPEC)
+    written.append(first.write_shard(*rows(2, seed=99, start=99_000)))
+    assert first.compact()
 
     def writer(w):
         cache = EmbeddingCache(store, **SPEC)
@@ -77,7 +83,7 @@ def test_concurrent_writers_each_compacting_keep_every_shard(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(written) == 8 and indexed_shards(store, EmbeddingCache(store, **SPEC)) == set(written)
+    assert len(written) == 9 and indexed_shards(store, EmbeddingCache(store, **SPEC)) == set(written)
 
 
 def test_a_writer_crashing_before_the_pointer_moves_leaves_the_previous_generation(store):
