@@ -223,8 +223,10 @@ def decode_generation(body: bytes) -> Generation:
     if len(rows.hashes) and (rows.shard_of.min() < 0 or rows.shard_of.max() >= n or rows.row_of.min() < 0
                              or (rows.row_of >= a["shard_rows"][rows.shard_of]).any()):
         raise ValueError("a row points outside its shard")
-    if len(rows.hashes) > 1 and (rows.hashes[1:] < rows.hashes[:-1]).any():
-        raise ValueError("rows are not sorted")
+    keys = _prefix(rows.hashes)
+    if len(keys) > 1 and (keys[1:] < keys[:-1]).any():
+        raise ValueError("rows are not sorted")  # (on the 8-byte prefixes lookups search; a row is found only by
+        # its full digest, so no order can make the index serve another row's vector)
     return Generation(number, shards, rows)
 
 

@@ -185,3 +185,22 @@ def test_run_stage_reports_the_stage_s3_traffic(services_env, fresh_bucket, monk
 
     result = run_stage(stage)
     assert result["got"] == "12345" and result["s3"] == {"requests": 2, "bytes_read": 5}
+
+
+def test_lookup_finds_rows_that_share_the_searched_prefix():
+    from adaptflow.cache_index import RowIndex, to_digests, to_hex
+
+    rng = np.random.default_rng(0)
+    raw = bytearray(rng.bytes(32 * 200))
+    for i in range(0, 100, 2):  # pairs of rows whose first 8 bytes agree (the integer keys the search uses)
+        raw[32 * (i + 1) : 32 * (i + 1) + 8] = raw[32 * i : 32 * i + 8]
+    raw[-32:] = b"\x00" * 32  # trailing NUL bytes survive the round trip
+    digests = np.frombuffer(bytes(raw), dtype="S32")
+    index = RowIndex.of_shards([0, 1], [digests[:120], digests[120:]]).merge(RowIndex())
+    assert to_digests(to_hex(digests)).tobytes() == digests.tobytes()
+    query = np.concatenate([digests[::-1], np.frombuffer(rng.bytes(32 * 5), dtype="S32")])
+    pos, found = index.lookup(query)
+    assert found.tolist() == [True] * 200 + [False] * 5
+    assert (index.hashes[pos[:200]] == query[:200]).all()
+    assert (index.shard_of[pos[:200]] == np.r_[np.ones(80), np.zeros(120)]).all()
+    assert (index.row_of[pos[:200]] == np.r_[np.arange(79, -1, -1), np.arange(119, -1, -1)]).all()
