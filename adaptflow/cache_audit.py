@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from adaptflow.cache import MARKERS, THREADS, check_shard
+from adaptflow.cache_index import INDEX
 from adaptflow.store import MANIFEST, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class CacheAudit:
     shards: int = 0
     problems: list[CacheProblem] = field(default_factory=list)
     recent_objects: int = 0  # unpublished objects younger than the age limit: maybe a write in flight, left alone
+    index_objects: int = 0  # the compacted indexes' pointers and generations (adaptflow.cache_index): not problems
 
 
 def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embeddings/") -> CacheAudit:
@@ -72,6 +74,9 @@ def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embed
     for prefix, objects in sorted(groups.items()):
         parts = prefix.split("/")
         kind = parts[2] if len(parts) == 4 else None
+        if kind == INDEX:  # embeddings/<key>/index/<CURRENT | generation>: derived from the shards, rebuilt at will
+            result.index_objects += len(objects)
+            continue
         marker = "/".join([*parts[:2], MARKERS, parts[3]]) if kind == "shards" else None
         if kind == "shards" and published(prefix):
             if marker in groups:

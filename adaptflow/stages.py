@@ -276,6 +276,7 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     tokens_per_s = encode_into_cache(
         ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"], device=device,
         tokens_per_batch=config.encoder.tokens_per_batch)
+    cache.compact()  # record new shards in the cache index: the next run GETs one generation, not every hashes.txt
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
              n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
     if corrupt["shards_ignored"]:

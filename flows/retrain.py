@@ -26,7 +26,8 @@ def retrain(config: RunConfig) -> dict:
         config: the validated run configuration (see adaptflow.config.RunConfig).
 
     Returns:
-        The run summary: model version and aliases, metrics, row counts, cache hits, seconds per stage.
+        The run summary: model version and aliases, metrics, row counts, cache hits, seconds and S3 requests
+        and bytes read per stage.
     """
     snapshot = ingest_data(config)  # data first: bad data fails in seconds, before any model is loaded
     validated = validate_data(config, snapshot)
@@ -64,6 +65,7 @@ def retrain(config: RunConfig) -> dict:
         "artifacts": {"snapshot": snapshot["snapshot"], "validated": validated["validated"],
                       "embeddings": embedded["cache"], "head": head["head"], "evaluation": evaluation["evaluation"]},
         "seconds": {name: stage["seconds"] for name, stage in stages.items()},
+        "s3": {name: stage.get("s3") for name, stage in stages.items()},  # requests and bytes read per stage
     }
 
 
