@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adaptflow.cache import EmbeddingCache, text_sha256
-from adaptflow.cache_audit import audit
+from adaptflow.cache_audit import audit, repair
 from adaptflow.cache_index import Generation, IndexStore
 from adaptflow.store import ArtifactStore
 
@@ -172,6 +172,12 @@ def test_cache_verify_recognises_index_objects(store):
     found = audit(store, min_age_s=0)
     assert found.problems == [] and found.shards == 2
     assert found.index_objects == 3  # CURRENT and two generations
+    # the first generation is superseded: space, not a problem; repair deletes it and the index still serves
+    assert len(found.superseded) == 1 and found.superseded[0].keys[0].endswith(".npz")
+    assert repair(store, found.superseded) == 1
+    after = audit(store, min_age_s=0)
+    assert after.superseded == [] and after.index_objects == 2 and after.problems == []
+    assert len(EmbeddingCache(store, **SPEC).read(rows(3)[0] + rows(3, seed=1, start=3)[0])) == 6
 
 
 def test_run_stage_reports_the_stage_s3_traffic(services_env, fresh_bucket, monkeypatch):
