@@ -157,11 +157,6 @@ def fit_head(
     device = device or default_device()
     log = log or (lambda _msg: None)
     fit = _fit_lbfgs if cfg.resolved_solver == "lbfgs" else _fit_adamw
-    unused = sorted(cfg.model_fields_set & ({"epochs", "lr", "batch_size", "weight_decay", "val_fraction", "patience"}
-                                            if fit is _fit_lbfgs else {"C", "calibrate", "cv_folds", "max_iter"}))
-    if unused:
-        log(f"note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used by solver "
-            f"{cfg.resolved_solver} (set solver: {'adamw' if fit is _fit_lbfgs else 'lbfgs'} to use them)")
     # fork_rng: seed init/shuffle/dropout without touching the caller's global RNG state
     cuda_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     t_start = time.perf_counter()
@@ -170,6 +165,17 @@ def fit_head(
     result.head.eval()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _unused(cfg: HeadConfig) -> str:
+    """A note for the first log line when settings of the other solver were set (they are ignored)."""
+    lbfgs = cfg.resolved_solver == "lbfgs"
+    unused = sorted(cfg.model_fields_set & ({"epochs", "lr", "batch_size", "weight_decay", "val_fraction", "patience"}
+                                            if lbfgs else {"C", "calibrate", "cv_folds", "max_iter"}))
+    if not unused:
+        return ""
+    return (f" ({', '.join(unused)} not used by solver {cfg.resolved_solver}; solver: "
+            f"{'adamw' if lbfgs else 'lbfgs'} uses {'it' if len(unused) == 1 else 'them'})")
 
 
 def _class_weight(cfg: HeadConfig, y: np.ndarray, n_classes: int, device: str) -> torch.Tensor | None:
@@ -283,7 +289,7 @@ def _fit_lbfgs(X, y, n_classes, cfg: HeadConfig, device, log, block_rows) -> Fit
     ys = torch.from_numpy(y[sample]).to(device)
     weight = _class_weight(cfg, y, n_classes, device)
     log(f"training linear head by L-BFGS: {len(y)} rows, {X.shape[1]} dims, {n_classes} classes, on {device}"
-        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}")
+        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}{_unused(cfg)}")
     C, T, cv = cfg.C, 1.0, None
     if cfg.calibrate and len(ys) >= 2 * cfg.cv_folds:
         T, before, after = _temperature(Xs, ys, n_classes, C, cfg, weight, device, log)
@@ -341,7 +347,7 @@ def _fit_adamw(X, y, n_classes, cfg: HeadConfig, device, log, block_rows) -> Fit
     lr0 = cfg.resolved_lr
     log(f"training {cfg.kind} head by AdamW: {len(train_idx)} rows ({len(val_idx)} held out to choose the epoch "
         f"count, then refit on all {len(y)}), {X.shape[1]} dims, {n_classes} classes, on {device}"
-        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}")
+        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}{_unused(cfg)}")
 
     def run(rows: np.ndarray, max_epochs: int, validate: bool) -> tuple[Head, list[dict], int]:
         weight = _class_weight(cfg, y[rows], n_classes, device)

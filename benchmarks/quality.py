@@ -145,7 +145,7 @@ def fit_seed(X, y, k, seed):
     return proba
 
 
-CLASSIFIERS = {"head": fit_adaptflow, "LR": fit_reference, "seed": fit_seed}
+CLASSIFIERS = {"head": fit_adaptflow, "LR": fit_reference, "seed_loop": fit_seed}
 
 
 def run_cell(X, y, k, pool, test, size, seeds, classifiers=None, log=print) -> dict:
@@ -213,7 +213,7 @@ def markdown(doc: dict) -> str:
             diff = cell["head_minus_lr_points"]
             size = f"{cell['train_rows']:,}" + (" (full)" if cell["size"] == "full" else "")
             lines.append(f"| {d['name']} ({cell['test_rows']:,}, {'movie-disjoint' if 'movie' in d['test'] else 'stratified'})"
-                         f" | {size} | {acc('head')} | {acc('LR')} | {acc('seed')} | {diff['mean']:+.2f} / "
+                         f" | {size} | {acc('head')} | {acc('LR')} | {acc('seed_loop')} | {diff['mean']:+.2f} / "
                          f"{diff['worst']:+.2f} | {'yes' if verdict(cell) else '**no**'} |")
     return "\n".join(lines)
 

@@ -33,8 +33,8 @@ def test_learns_separable_data_and_logs(kind):
     assert (proba.argmax(1) == yte).mean() > 0.95
     assert 1 <= fit.best_epoch <= len(fit.history) and fit.seconds > 0
     if kind == "linear":  # L-BFGS on all rows, then a cross-validated temperature
-        assert lines[0].startswith("note: epochs is not used by solver lbfgs (set solver: adamw")
-        assert lines[1].startswith("training linear head by L-BFGS: 600 rows")
+        assert lines[0].startswith("training linear head by L-BFGS: 600 rows")
+        assert lines[0].endswith("(epochs not used by solver lbfgs; solver: adamw uses it)")
         assert any(line.startswith("logit temperature") for line in lines)
         assert {"epoch", "train_loss", "objective", "seconds", "rows_per_s"} <= set(fit.history[0])
         assert fit.C == 1.0 and fit.temperature > 0 and fit.cv["log_loss"] <= fit.cv["log_loss_t1"]
