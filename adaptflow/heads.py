@@ -1,7 +1,10 @@
 """Classifier heads on frozen embeddings: a (normalised) linear or small MLP layer, trained on numpy arrays.
 
-The encoder is frozen and its vectors are cached, so training a head is a small convex-ish problem that fits
-in memory: no DataLoader, no workers, just index a tensor per mini-batch. Weights go to safetensors with a JSON
+The encoder is frozen and its vectors are cached, so training a head is a small problem that fits in memory:
+no DataLoader, no workers. The default linear head is scikit-learn LogisticRegression's convex problem solved
+full-batch by L-BFGS, then given a cross-validated logit temperature; the MLP (or ``solver: adamw``) indexes a
+tensor per mini-batch, early-stops on a hold-out and refits on every row (see adaptflow.config.HeadSection).
+Weights go to safetensors with a JSON
 metadata header (never pickle), so a head file can be inspected and loaded without executing anything.
 """
 
