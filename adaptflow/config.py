@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from adaptflow.gate import GateRules
 
@@ -60,22 +61,47 @@ class EncoderSection(_Section):
 
 
 class HeadSection(_Section):
-    """Head hyper-parameters; unset ones take adaptflow.heads.HeadConfig's defaults."""
+    """What a config file's ``head:`` section sets: each rule (type, bound, message) is stated once, here.
 
-    kind: Literal["linear", "mlp"] = "linear"
-    epochs: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, ge=1)
-    weight_decay: float | None = Field(None, ge=0)
-    hidden_dim: int | None = Field(None, ge=1)
-    dropout: float | None = Field(None, ge=0, lt=1)
-    class_weights: bool | None = None
-    val_fraction: float | None = Field(None, ge=0, lt=0.5)
-    patience: int | None = Field(None, ge=1)
+    The linear head is fit the way scikit-learn's LogisticRegression is: full-batch L-BFGS on every training
+    row, cross-entropy summed over rows plus ``||W||^2 / (2C)`` (bias not penalised; for two classes the
+    penalty is doubled so that C means exactly sklearn's C, default 1 as there). Against the summed loss the
+    penalty weighs less as rows are added, as the reference's does. Such a head ranks as well as the reference
+    but is under-confident on small or many-class sets (ECE 0.3 on 300 bbc_news rows), so with ``calibrate`` its
+    logits are divided by a temperature fit to out-of-fold logits of a stratified k-fold cross-validation on the
+    training rows: probabilities change, predictions do not. ``solver: adamw`` (the only one for ``mlp``)
+    trains with mini-batches instead: a stratified hold-out picks the epoch count by early stopping, then the
+    head is refit on all rows for that many epochs.
+    """
+
+    kind: Literal["linear", "mlp"] = "linear"  # mlp: Linear-GELU-Dropout-Linear
+    solver: Literal["lbfgs", "adamw"] | None = Field(None, description="unset: lbfgs for linear, adamw for mlp")
+    C: float = Field(1.0, gt=0, allow_inf_nan=False, description="lbfgs: inverse L2 strength, as sklearn's C")
+    calibrate: StrictBool = Field(True, description="lbfgs: divide the logits by a cross-validated temperature")
+    cv_folds: int = Field(5, ge=2, le=20, description="lbfgs with calibrate: folds of the cross-validation")
+    max_iter: int = Field(1000, ge=1, description="lbfgs: iteration bound")
+    epochs: int = Field(100, ge=1, description="adamw: upper bound, and the cosine schedule's length")
+    lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                             description="adamw; unset: 1e-2 linear, 1e-3 mlp")
+    batch_size: int = Field(64, ge=1, description="adamw")
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="adamw: decoupled, weights only")
+    hidden_dim: int = Field(256, ge=1, description="mlp")
+    dropout: float = Field(0.1, ge=0, lt=1, description="mlp")
+    class_weights: StrictBool = Field(False, description="inverse-frequency loss weights (minority recall up)")
+    val_fraction: float = Field(0.1, ge=0, lt=0.5,
+                                description="adamw: stratified hold-out for early stopping (0: all epochs, no refit)")
+    patience: int = Field(10, ge=1, description="adamw: epochs without a better validation loss before stopping")
+    normalize: StrictBool = Field(True, description="L2-normalise inputs (the reference recipe)")
+
+    @model_validator(mode="after")
+    def _solver_fits_kind(self):
+        if self.kind == "mlp" and self.solver == "lbfgs":
+            raise ValueError("solver 'lbfgs' is for kind 'linear'; an mlp trains with 'adamw'")
+        return self
 
     def head_kwargs(self) -> dict[str, Any]:
-        """The keys set here, for adaptflow.heads.HeadConfig."""
-        return self.model_dump(exclude_none=True)
+        """The keys set in the file or by ``--set``, for adaptflow.heads.HeadConfig."""
+        return self.model_dump(exclude_unset=True)
 
 
 class MlflowSection(_Section):
@@ -173,12 +199,6 @@ def build_config(raw: dict, *, source: str = "config") -> RunConfig:
     if config.data.split == "time" and not config.data.time_column:
         raise ConfigError(f"{source}: data.split is 'time' but data.time_column is not set; set data.time_column to "
                           f"the column or Hive partition key holding each row's time (e.g. dt), or use split: hash.")
-    from adaptflow.heads import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
-
-    try:
-        HeadConfig(**config.head.head_kwargs(), seed=config.seed)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: head: {exc}") from None
     return config
 
 
