@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adaptflow.config import HeadSection
+from adaptflow.devices import resolve_device
 from adaptflow.rowfile import RowFile
 
 HEAD_FORMAT = "adaptflow-head/1"
@@ -107,10 +108,6 @@ def stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return folds
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @contextmanager
 def _single_thread_on_cpu(device: str):
     """Train on one CPU thread: 64x384 mini-batches are too small to split, and when other processes share
@@ -157,7 +154,7 @@ def fit_head(
         raise ValueError(f"labels must be integers in [0, {n_classes}) with n_classes >= 2; got {y.min()}..{y.max()}")
     if not streamed and not all(np.isfinite(X[i : i + 65536]).all() for i in range(0, len(X), 65536)):
         raise ValueError("X contains NaN/inf")  # checked in slices: no X-sized temporary
-    device = device or default_device()
+    device = device or resolve_device()
     log = log or (lambda _msg: None)
     fit = _fit_lbfgs if cfg.resolved_solver == "lbfgs" else _fit_adamw
     # fork_rng: seed init/shuffle/dropout without touching the caller's global RNG state

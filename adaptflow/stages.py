@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from adaptflow.config import RunConfig
+from adaptflow.devices import resolve_device
 from adaptflow.settings import Settings, load_settings
 from adaptflow.store import ArtifactStore, ConflictError
 
@@ -212,14 +213,6 @@ def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str):
                           pooling=config.encoder.pooling, dtype=dtype)
 
 
-def _device(config: RunConfig) -> str:
-    import torch
-
-    if config.encoder.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.encoder.device
-
-
 def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
                       tokens_per_batch: int | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
@@ -253,7 +246,7 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     from adaptflow.embed import TokenIds, release_free_memory, resolve_dtype
     from adaptflow.store import parse_s3_uri
 
-    device = _device(config)
+    device = resolve_device(config.encoder.device)
     dtype = resolve_dtype(config.encoder.dtype, device)
     cache = _cache_for(ctx, config, encoder, dtype)
     # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
@@ -329,7 +322,8 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
         with tempfile.TemporaryDirectory() as tmp:
             X, y = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
                            seed=config.seed)
-            fit = fit_head(X, y, len(labels), head_config, device=_device(config), log=log.info)
+            fit = fit_head(X, y, len(labels), head_config, device=resolve_device(config.encoder.device),
+                           log=log.info)
             del X
             path = Path(tmp) / "head.safetensors"
             save_head(fit.head, path, labels)
