@@ -160,7 +160,7 @@ def build_config(raw: dict, *, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         lines = [_describe(e, source) for e in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    from adaptflow.heads import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
+    from adaptflow.head_config import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
 
     try:
         HeadConfig(**config.head.head_kwargs(), seed=config.seed)

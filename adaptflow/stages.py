@@ -379,6 +379,9 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             # what the gate needs to re-score this version later on other rows, without downloading the model
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
             "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"]}
+    from adaptflow.changes import FINGERPRINT_TAG, fingerprint  # what a later unchanged run is compared with
+
+    tags[FINGERPRINT_TAG] = fingerprint(data_digest=snapshot["digest"], config=config, encoder_digest=encoder["digest"])
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):
