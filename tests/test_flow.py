@@ -61,7 +61,7 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
         assert store.verify_manifest(manifest.rsplit("/", 1)[0]) == []
 
     # same data again: a lookup, not a re-encode; a second version becomes the challenger only
-    second = retrain(make_config(reviews / "base.csv", "flow-test"))
+    second = retrain(make_config(reviews / "base.csv", "flow-test"), force=True)  # unforced: a no-op (test_changes)
     assert second["embeddings"]["encoded"] == 0 and second["embeddings"]["cached"] == first["embeddings"]["encoded"]
     assert second["version"] == "2" and second["aliases"] == ["challenger"]
 
