@@ -3,6 +3,8 @@
 - ``retrain-from-config/retrain-nightly``: cron-scheduled, pool ``cpu``, concurrency limit 1 (a second
   scheduled run waits in the queue rather than racing the first).
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
+- ``watch-data/watch-data``: every 10 minutes, lists the config's data partitions; new or changed ones emit
+  ``adaptflow.data.changed``, on which ``retrain-on-demand`` has a trigger (``prefect.yaml`` declares the same).
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
   ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable), holding one slot of the global limit ``gpu`` while
   embedding.
@@ -80,7 +82,8 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
     watcher = watch_data.from_source(source=str(source), entrypoint="flows/watch_data.py:watch_data")
     watcher.deploy(name="watch-data", work_pool_name="cpu", interval=WATCH_INTERVAL_S,
                    parameters={"config_uri": config_uri}, print_next_steps=False, tags=["adaptflow", "watch"],
-                   concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+                   concurrency_limit=ConcurrencyLimitConfig(
+                       limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
                    description="List the config's data partitions; new or changed → adaptflow.data.changed")
     names.append("watch-data/watch-data")
     if gpu:

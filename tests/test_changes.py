@@ -13,6 +13,7 @@ from adaptflow import stages
 from adaptflow.changes import FINGERPRINT_TAG, fingerprint, precheck
 from adaptflow.config import build_config
 from adaptflow.registry import alias_history, client_for
+from tests.events_probe import wait_for_events
 
 ROOT = Path(__file__).resolve().parents[1]
 REVIEWS = ROOT / "examples" / "data" / "rotten_tomatoes.csv"
@@ -86,6 +87,8 @@ def test_unchanged_run_registers_nothing_and_imports_no_torch(services_env, fres
     assert first["registered"] is True and first["version"] == "1"
     client = client_for(test_settings.mlflow_tracking_uri)
     assert client.get_model_version("noop-test", "1").tags[FINGERPRINT_TAG].startswith("sha256:")
+    (promoted,) = wait_for_events("adaptflow.model.promoted", "adaptflow.model.noop-test")
+    assert promoted.payload["version"] == "1" and promoted.payload["reason"]
 
     # the CLI: no version, no alias move, the version's metrics; torch, Prefect and MLflow never imported
     done = subprocess.run([sys.executable, "-c", PROBE, str(config_path)], env=cli_env(test_settings, fresh_bucket, tmp_path),

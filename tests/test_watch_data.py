@@ -15,6 +15,7 @@ import yaml
 from adaptflow.changes import commit_seen, diff_partitions, list_config_partitions, seen_key
 from adaptflow.config import build_config
 from adaptflow.store import ArtifactStore, ConflictError
+from tests.events_probe import wait_for_events
 
 ROOT = Path(__file__).resolve().parents[1]
 REVIEWS = ROOT / "examples" / "data" / "rotten_tomatoes.csv"
@@ -71,11 +72,25 @@ def test_watch_data_flow_announces_new_partitions_once(services_env, s3_client, 
     rows = pd.read_csv(REVIEWS).sample(n=40, random_state=2)[["text", "label"]]
     config = tmp_path / "watch.yaml"
     config.write_text(f"name: watch-flow\ndata:\n  train: s3://{fresh_bucket}/lake/reviews/\n")
-    upload_day(s3_client, fresh_bucket, "2026-12-01", rows)
+    path = upload_day(s3_client, fresh_bucket, "2026-12-01", rows)
     first = watch_data(str(config))
     assert first["new"] == 1 and first["event_id"]
+    (event,) = wait_for_events("adaptflow.data.changed", f"adaptflow.config.{config}")
+    assert [p["path"] for p in event.payload["new"]] == [path] and event.payload["config_uri"] == str(config)
     second = watch_data(str(config))
     assert second["new"] == second["changed"] == 0 and second["event_id"] is None
+
+
+def test_a_failed_retrain_is_announced_with_its_model_and_reason(services_env, fresh_bucket, monkeypatch,
+                                                                 prefect_harness, tmp_path):
+    from flows.retrain import retrain
+
+    monkeypatch.setenv("ADAPTFLOW_BUCKET", fresh_bucket)
+    config = build_config({"name": "doomed-model", "data": {"train": str(tmp_path / "missing.csv")}})
+    with pytest.raises(Exception):
+        retrain(config)
+    (event,) = wait_for_events("adaptflow.retrain.failed", "adaptflow.model.doomed-model")
+    assert event.payload["model_name"] == "doomed-model" and "missing.csv" in event.payload["reason"]
 
 
 def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
@@ -140,9 +155,10 @@ def test_uploaded_partition_retrains_once_and_quiet_ticks_do_nothing(test_settin
             assert names == {"retrain-from-config/retrain-nightly", "retrain-from-config/retrain-on-demand",
                              "watch-data/watch-data", "embed-and-train/gpu"}
 
-            def retrains():
-                return [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id={"is_null_": True}))
-                        if client.read_flow(r.flow_id).name == "retrain-from-config"]
+            on_demand = client.read_deployment_by_name("retrain-from-config/retrain-on-demand").id
+
+            def retrains():  # runs of retrain-on-demand (retrain-nightly's are scheduled for 02:00)
+                return client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [on_demand]}))
 
             def wait(predicate, seconds=600):
                 deadline = time.monotonic() + seconds
@@ -156,7 +172,9 @@ def test_uploaded_partition_retrains_once_and_quiet_ticks_do_nothing(test_settin
                 run = run_deployment("watch-data/watch-data", timeout=0)
                 run = wait(lambda: (r := client.read_flow_run(run.id)).state_type.value in TERMINAL and r)
                 assert run.state_type.value == "COMPLETED", logs()
-                return " ".join(log.message for log in client.read_logs(LogFilter(flow_run_id={"any_": [run.id]})))
+                messages = lambda: " ".join(  # noqa: E731 — the run's logs arrive in batches, after its state
+                    log.message for log in client.read_logs(LogFilter(flow_run_id={"any_": [run.id]})))
+                return wait(lambda: "partition(s):" in (text := messages()) and text)
 
             uploaded = time.time()
             upload_day(s3_client, fresh_bucket, "2026-11-30", rows.iloc[:80])

@@ -34,7 +34,7 @@ def retrain(
     config: Annotated[str, typer.Argument(help="YAML config: a local path or an s3:// URI.")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a key, e.g. --set head.epochs=20 (repeatable).")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Retrain even when nothing changed since the latest version.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed since the latest version.")] = False,
     state_dir: Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")] = None,
 ) -> None:
     """Retrain a classifier head and register it in MLflow.
