@@ -12,8 +12,9 @@ def wait_for_events(name: str, resource_id: str, seconds: float = 120) -> list:
     deadline = time.monotonic() + seconds
     with get_client(sync_client=True) as client:
         while True:
+            # limit: the client's default (100) is over the server's maximum (50) in 3.9.1
             page = client.read_events(EventFilter(event=EventNameFilter(name=[name]),
-                                                  resource=EventResourceFilter(id=[resource_id])), limit=50)  # the client's default (100) is over the server's maximum (50) in 3.9.1
+                                                  resource=EventResourceFilter(id=[resource_id])), limit=50)
             if page.events or time.monotonic() > deadline:
                 assert page.events, f"no {name} event on {resource_id}"
                 return page.events
