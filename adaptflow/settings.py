@@ -8,15 +8,13 @@ AWS S3 / MinIO / R2 only sets the endpoint and credentials; no stack is needed t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STACK_FILE = "stack.json"
-CREDENTIALS_FILE = "credentials.json"
+from adaptflow.stack_state import DEFAULT_STATE_DIR, read_stack_state
 
 
 class Settings(BaseSettings):
@@ -33,7 +31,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
     prefect_api_url: str | None = Field(None, validation_alias="PREFECT_API_URL")
     bucket: str = Field("adaptflow", validation_alias="ADAPTFLOW_BUCKET")
-    state_dir: Path = Field(Path(".adaptflow"), validation_alias="ADAPTFLOW_STATE_DIR")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, validation_alias="ADAPTFLOW_STATE_DIR")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "adaptflow", validation_alias="ADAPTFLOW_CACHE_DIR"
     )
@@ -61,17 +59,6 @@ class Settings(BaseSettings):
         return {k: v for k, v in env.items() if v}
 
 
-def read_stack_state(state_dir: Path) -> tuple[dict, dict]:
-    """The stack's recorded services and credentials ({} where the stack was never started)."""
-    state_dir = Path(state_dir)
-    stack, creds = {}, {}
-    if (state_dir / STACK_FILE).is_file():
-        stack = json.loads((state_dir / STACK_FILE).read_text())
-    if (state_dir / CREDENTIALS_FILE).is_file():
-        creds = json.loads((state_dir / CREDENTIALS_FILE).read_text())
-    return stack, creds
-
-
 def load_settings(state_dir: Path | str | None = None, **overrides) -> Settings:
     """Settings from the environment, with gaps filled from the local stack in ``state_dir``.
 
@@ -82,8 +69,8 @@ def load_settings(state_dir: Path | str | None = None, **overrides) -> Settings:
     if state_dir is not None:
         overrides["state_dir"] = Path(state_dir)
     settings = Settings(**overrides)
-    stack, creds = read_stack_state(settings.state_dir)
-    services = stack.get("services", {})
+    state = read_stack_state(settings.state_dir)
+    services, creds = state.services, state.credentials
     fill: dict = {}
     if not settings.s3_endpoint_url and services.get("s3", {}).get("url"):
         fill["s3_endpoint_url"] = services["s3"]["url"]

@@ -78,17 +78,20 @@ def describe(location: str | os.PathLike | list[str] | None) -> str | None:
 
 
 def read_source(location: str | os.PathLike | list[str], *, text_column: str, label_column: str, group_column: str | None = None,
-                store=None, settings=None, split: str = "train") -> SourceRows:
+                store=None, settings=None, split: str = "train", time_column: str | None = None) -> SourceRows:
     """Read ``location`` (see the module docstring) into ``text,label,group,row`` plus its partition listing.
 
     Args:
         store: an ``ArtifactStore`` (S3 listing, one-file S3 reads; its client's credentials).
         settings: ``adaptflow.settings.Settings`` for the pyarrow S3 filesystem (endpoint, credentials).
         split: the split of a Hugging Face DatasetDict when the location names none.
+        time_column: also keep this column (a file column or a Hive key) as ``time``, for ``split: time``.
     Raises:
         DataError: bad input (missing files, unreadable partitions, disagreeing columns, missing columns, no rows).
     """
     columns = dict(text_column=text_column, label_column=label_column, group_column=group_column)
+    if time_column is not None:
+        columns["time_column"] = time_column
     reader = _Reader(columns, store=store, settings=settings, split=split)
     items = [location] if isinstance(location, (str, os.PathLike)) else list(location)
     for item in items:

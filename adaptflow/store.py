@@ -19,6 +19,7 @@ import re
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -100,6 +101,58 @@ class IntegrityError(StoreError):
     status = 500  # a re-download may heal a transfer error; a corrupt object fails again, loudly
 
 
+class RequestCounter:
+    """S3 requests sent and response bytes read through one boto3 client, from all threads.
+
+    Counted from botocore's events, so every path (``publish``, the transfer manager's ranged GETs, paginated
+    LISTs) is included: ``requests`` counts each HTTP attempt (a retried call counts twice, as S3 bills it);
+    ``bytes_read`` adds each GET's ``Content-Length`` and every other response's body (LIST XML, errors).
+    ``tasks/policy.py`` reports the difference across a stage as its ``s3``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._bytes = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """``{"requests": n, "bytes_read": b}`` so far."""
+        with self._lock:
+            return {"requests": self._requests, "bytes_read": self._bytes}
+
+    def since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """What was counted after ``before`` (an earlier :meth:`snapshot`)."""
+        now = self.snapshot()
+        return {k: now[k] - int(before.get(k, 0)) for k in now}
+
+    def on_send(self, **_) -> None:  # before-send: once per HTTP attempt; returning None lets it go out
+        with self._lock:
+            self._requests += 1
+
+    def on_response(self, http_response=None, parsed=None, model=None, **_) -> None:  # after-call
+        if model is not None and model.has_streaming_output:
+            size = int((parsed or {}).get("ContentLength") or 0)
+        else:
+            size = len(getattr(http_response, "content", b"") or b"")
+        with self._lock:
+            self._bytes += size
+
+
+_COUNTERS: "weakref.WeakKeyDictionary[object, RequestCounter]" = weakref.WeakKeyDictionary()
+_COUNTERS_LOCK = threading.Lock()
+
+
+def request_counter(client) -> RequestCounter:
+    """The one :class:`RequestCounter` of a boto3 S3 client (stores sharing a client share its counter)."""
+    with _COUNTERS_LOCK:
+        counter = _COUNTERS.get(client)
+        if counter is None:
+            counter = _COUNTERS[client] = RequestCounter()
+            client.meta.events.register("before-send.s3", counter.on_send)
+            client.meta.events.register("after-call.s3", counter.on_response)
+        return counter
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into ``(bucket, key)``; the key may be empty."""
     parts = urlsplit(str(uri))
@@ -109,13 +162,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
-    """The sha256 hex digest and size of a file, read in 1 MiB chunks."""
-    h, size = hashlib.sha256(), 0
+    """The sha256 hex digest and size (bytes read) of a file."""
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+        return hashlib.file_digest(f, "sha256").hexdigest(), f.tell()
 
 
 def _join(prefix: str, name: str) -> str:
@@ -173,6 +222,7 @@ class ArtifactStore:
                 aws_secret_access_key=secret_access_key, region_name=region, config=config,
             )
         self.client = client
+        self.requests = request_counter(client)  # S3 requests and bytes read so far (shared with with_bucket)
         self._bucket_ok = False  # set once the bucket is known to exist; saves a HEAD per missing key
         self._manifests: dict[str, dict] = {}  # published prefix -> its manifest (for verified reads)
         # 8 MiB parts, 4 threads: enough for a local server on 2 cores; the "classic" client behaves the
@@ -303,21 +353,22 @@ class ArtifactStore:
             raise IntegrityError(f"{self.uri(key)}: downloaded {size} bytes, the server reports "
                                  f"{head.get('ContentLength')}; it changed during the download, or the transfer broke")
         if re.fullmatch(r"[0-9a-f]{32}", etag):
-            md5 = hashlib.md5(usedforsecurity=False)
             with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    md5.update(chunk)
+                md5 = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
             if md5.hexdigest() != etag:
                 raise IntegrityError(f"{self.uri(key)}: downloaded bytes have MD5 {md5.hexdigest()}, the object's "
                                      f"ETag is {etag}; it changed during the download, or the transfer broke")
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix``, in the server's (lexicographic) order."""
+        return (obj["Key"] for obj in self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> Iterator[dict]:
+        """Every object under ``prefix`` as the listing describes it (``Key``, ``Size``, ``LastModified``, ...)."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         try:
             for page in pages:
-                for obj in page.get("Contents", []):
-                    yield obj["Key"]
+                yield from page.get("Contents", [])
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, prefix, "LIST") from None
 

@@ -3,6 +3,11 @@
 Rows are *quarantined* when they are bad data (empty text, missing or conflicting labels, labels the head
 cannot learn) and *dropped* when they are merely redundant (exact duplicates, test texts repeated in train).
 Both keep their source ``row`` so a reviewer can find them in the original file.
+
+Label values that are equal after case-folding and whitespace trimming (``fresh``, ``FRESH``, `` Fresh ``) are
+one class spelled several ways: by default validation fails naming them (LabelCaseError); with
+``label_case="fold"`` each group is merged into its most frequent spelling (the one most of the data, and so
+the user, uses; ties: the first in sorted order) and the report counts the rows that changed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import pandas as pd
 
 from adaptflow.data import DataError, format_rows, is_missing
 
+LABEL_CASE_MODES = ("error", "fold")
 QUARANTINE_REASONS = ("empty_text", "missing_label", "conflicting_labels", "rare_class", "unseen_label")
 DROP_REASONS = ("duplicate", "leakage")
 QUARANTINE_COLUMNS = ["split", "row", "text", "label", "reason"]
@@ -27,6 +33,7 @@ class ValidationRules:
     min_class_count: int = 2  # train rows a class needs; fewer are quarantined as rare_class
     max_quarantine_fraction: float = 1.0  # fail when a larger share of all rows is quarantined
     drop_leakage: bool = True  # drop train rows whose text also appears in test
+    label_case: str = "error"  # labels equal but for case/spacing: "error" fails, "fold" merges them
 
     def __post_init__(self):
         if isinstance(self.min_class_count, bool) or not isinstance(self.min_class_count, int):
@@ -41,6 +48,12 @@ class ValidationRules:
             )
         if not isinstance(self.drop_leakage, bool):
             raise ValueError(f"drop_leakage must be True or False, got {self.drop_leakage!r}.")
+        if self.label_case not in LABEL_CASE_MODES:
+            raise ValueError(f"label_case must be one of {', '.join(LABEL_CASE_MODES)}, got {self.label_case!r}.")
+
+
+class LabelCaseError(DataError):
+    """Label values differ only by case or spacing (``fresh``/``FRESH``): they would train as separate classes."""
 
 
 @dataclass
@@ -73,6 +86,7 @@ def validate_split(
         train, test: frames from ``prepare_frame``/``split_frame`` (columns ``text, label, row``, optional ``group``).
         source: the file(s) the rows came from, for messages.
     Raises:
+        LabelCaseError: labels differ only by case or spacing and ``rules.label_case`` is ``"error"``.
         DataError: nothing usable is left (no rows, all quarantined, < 2 train classes, empty test) or the
             quarantined share exceeds ``rules.max_quarantine_fraction``.
     """
@@ -95,6 +109,7 @@ def validate_split(
     is_train = rows["split"].eq("train")
     mark(rows["text"].map(_blank), "empty_text")
     mark(rows["label"].map(_blank), "missing_label")
+    label_case = _label_case(rows, active(), rules.label_case, name)  # before any rule compares labels
 
     # the same text with two labels is a labelling error: no side can be trusted, so all copies go
     live = rows[active()]
@@ -141,6 +156,7 @@ def validate_split(
         "leakage_found": n_leaked,  # also counted when drop_leakage=False keeps those rows
         "example_rows": examples,
         "labels": labels,
+        "label_case": label_case,
         "label_counts": {
             "train": {k: int(v) for k, v in clean_train["label"].value_counts().sort_index().items()},
             "test": {k: int(v) for k, v in clean_test["label"].value_counts().sort_index().items()},
@@ -148,6 +164,43 @@ def validate_split(
     }
     _check(report, rules, name)
     return ValidationResult(clean_train, clean_test, quarantine, labels, report, dropped)
+
+
+def _case_key(label) -> str:
+    """What two spellings of one label share: case-folded, whitespace trimmed and collapsed."""
+    return " ".join(str(label).split()).casefold()
+
+
+def _label_case(rows: pd.DataFrame, live: pd.Series, mode: str, name: str) -> dict:
+    """Find label spellings that collide after case-folding and trimming; fold them in ``rows`` (mode "fold")
+    or raise LabelCaseError naming each spelling with its count and example rows (mode "error")."""
+    counts = rows.loc[live, "label"].value_counts()  # spelling -> rows, one entry per distinct value
+    by_key: dict[str, list] = {}
+    for spelling in counts.index:
+        by_key.setdefault(_case_key(spelling), []).append(spelling)
+    # each group's most frequent spelling first (ties: sorted order), so group[0] is what folding keeps
+    groups = [sorted(g, key=lambda s: (-counts[s], str(s))) for g in by_key.values() if len(g) > 1]
+    groups.sort(key=lambda g: str(g[0]))
+    if not groups:
+        return {"mode": mode, "folded_rows": 0, "groups": {}}
+    if mode == "error":
+        def where(spelling) -> str:
+            hit = rows.loc[live & rows["label"].eq(spelling), ["split", "row"]]
+            parts = [f"{split} rows {format_rows(sorted(hit.loc[hit['split'].eq(split), 'row'].astype(int)))}"
+                     for split in ("train", "test") if hit["split"].eq(split).any()]
+            return f"{spelling!r} ({counts[spelling]} row{'s' if counts[spelling] != 1 else ''}: {'; '.join(parts)})"
+
+        listed = "; ".join(" vs ".join(where(s) for s in group) for group in groups)
+        raise LabelCaseError(
+            f"{name}: label values differ only by case or spacing and would train as separate classes: {listed}. "
+            f"Fix the labels in the source, or set data.label_case: fold to merge each group into its most "
+            f"frequent spelling."
+        )
+    mapping = {spelling: group[0] for group in groups for spelling in group[1:]}
+    changed = live & rows["label"].isin(list(mapping))
+    rows.loc[changed, "label"] = rows.loc[changed, "label"].map(mapping)
+    return {"mode": mode, "folded_rows": int(changed.sum()),
+            "groups": {str(g[0]): {str(s): int(counts[s]) for s in g[1:]} for g in groups}}
 
 
 def _listing(rows: pd.DataFrame, reasons: Sequence[str]) -> pd.DataFrame:

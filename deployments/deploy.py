@@ -6,8 +6,8 @@
 - ``watch-data/watch-data``: every 10 minutes, lists the config's data partitions; new or changed ones emit
   ``adaptflow.data.changed``, on which ``retrain-on-demand`` has a trigger (``prefect.yaml`` declares the same).
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
-  ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable), holding one slot of the global limit ``gpu`` while
-  embedding.
+  ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable); embed + fit head hold one slot of the global limit ``gpu``
+  (``tasks/gpu_slot.py``), so runs on several gpu workers never share one GPU.
 
 Run it with ``adaptflow deploy`` (or ``python -m deployments.deploy``). Credentials are never deployment
 parameters: workers take them from their own environment (``adaptflow worker`` exports them).

@@ -29,8 +29,9 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
         force: retrain even when data, config, encoder and stage code equal the latest version's.
 
     Returns:
-        The run summary: model version and aliases, metrics, row counts, cache hits, seconds per stage; for an
-        unchanged run ``registered: false`` and ``unchanged_since`` (the version it would have repeated).
+        The run summary: model version and aliases, metrics, row counts, cache hits, seconds and S3 requests
+        and bytes read per stage;
+        for an unchanged run ``registered: false`` and ``unchanged_since`` (the version it would have repeated).
     """
     snapshot = ingest_data(config)  # data first: bad data fails in seconds, before any model is loaded
     check = check_unchanged_task(config, snapshot)
@@ -64,15 +65,18 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
         "aliases": gate["aliases"],
         "decision": gate["decision"],
         "reason": gate["reason"],
-        "gate": {k: gate[k] for k in ("metric", "delta", "ci_low", "ci_high", "p_value", "champion_version")},
+        "gate": {k: gate.get(k) for k in ("metric", "delta", "ci_low", "ci_high", "p_value", "champion_version",
+                                          "rows_compared", "rows_excluded")},
         "model_uri": f"models:/{registered['model_name']}/{registered['version']}",
         "metrics": evaluation["metrics"],
         "rows": validated["rows"],
         "embeddings": {"encoded": embedded["encoded"], "cached": embedded["cached"],
-                       "dtype": embedded["dtype"], "tokens_per_s": embedded["tokens_per_s"]},
+                       "dtype": embedded["dtype"], "tokens_per_s": embedded["tokens_per_s"],
+                       "corrupt": embedded.get("corrupt", {"shards_ignored": 0, "rows_reencoded": 0})},
         "artifacts": {"snapshot": snapshot["snapshot"], "validated": validated["validated"],
                       "embeddings": embedded["cache"], "head": head["head"], "evaluation": evaluation["evaluation"]},
         "seconds": {name: stage["seconds"] for name, stage in stages.items()},
+        "s3": {name: stage.get("s3") for name, stage in stages.items()},  # requests and bytes read per stage
     }
 
 

@@ -22,7 +22,8 @@ def validate_data(config: RunConfig, snapshot: dict) -> dict:
         key="validation-report",
         table=[{"reason": reason, "rows": count} for reason, count in reasons.items()] or [{"reason": "none", "rows": 0}],
         description=f"Quarantined rows of {config.name}: {result['rows']['quarantined']} "
-                    f"(train {result['rows']['train']}, test {result['rows']['test']} kept). "
-                    f"Rows: {result['quarantine']}",
+                    f"(train {result['rows']['train']}, test {result['rows']['test']} kept); "
+                    f"labels folded by case/spacing: {result['report'].get('label_case', {}).get('folded_rows', 0)} "
+                    f"rows. Rows: {result['quarantine']}",
     )
     return result

@@ -12,6 +12,7 @@ from adaptflow.stages import (
     tokenize_stage,
     write_handover,
 )
+from tasks.gpu_pool import cancel_flow_run, require_online_worker
 from tasks.policy import run_stage, stage_task
 
 
@@ -40,13 +41,37 @@ def hand_over(parent_run_id: str, name: str, result: dict) -> str:
 
 
 @task(name="run_on_gpu_pool", cache_policy=NO_CACHE)
-def run_on_gpu_pool(deployment: str, flow_name: str, parameters: dict, parent_run_id: str) -> dict:
-    """Run the embed + train subflow as a deployment on the gpu pool and wait; cancelling the parent cancels it."""
-    from prefect.deployments import run_deployment
+def run_on_gpu_pool(deployment: str, flow_name: str, parameters: dict, parent_run_id: str,
+                    timeout_s: float | None = None) -> dict:
+    """Run the embed + train subflow as a deployment on the gpu pool and wait; cancelling the parent cancels it.
 
-    child = run_deployment(deployment, parameters={**parameters, "parent_run_id": parent_run_id}, timeout=None,
+    Fails at once (ConfigError) when no worker polls the deployment's pool. Waits at most ``timeout_s`` (default:
+    ``orchestration.gpu_timeout_s`` of ``parameters["config"]``); past it, the child run is cancelled and a
+    TimeoutError names it.
+    """
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger, get_run_logger
+
+    if timeout_s is None:
+        timeout_s = RunConfig.model_validate(parameters["config"]).orchestration.gpu_timeout_s
+    pool = require_online_worker(deployment)
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called outside a flow run (its body, from a test)
+        logger = get_logger("adaptflow.gpu_pool")
+    logger.info("handing embed + fit head to deployment %s on work pool %r (waiting at most %.0f s)", deployment,
+                pool, timeout_s)
+    child = run_deployment(deployment, parameters={**parameters, "parent_run_id": parent_run_id}, timeout=timeout_s,
                            poll_interval=2)
-    if not child.state or not child.state.is_completed():
+    if child.state is None or not child.state.is_final():
+        cancel_flow_run(child.id, f"parent {parent_run_id} stopped waiting after orchestration.gpu_timeout_s="
+                        f"{timeout_s:g} s")
+        raise TimeoutError(f"deployment {deployment} run {child.name} ({child.id}) did not finish within "
+                           f"orchestration.gpu_timeout_s={timeout_s:g} s (it was "
+                           f"{child.state.name if child.state else 'never scheduled'}); it was cancelled. Is a "
+                           f"worker of pool {pool!r} busy or stuck? See the run's logs in Prefect")
+    if not child.state.is_completed():
         raise RuntimeError(f"deployment {deployment} run {child.name} ({child.id}) ended "
-                           f"{child.state.name if child.state else 'without a state'}: see its logs in Prefect")
+                           f"{child.state.name}: see its logs in Prefect")
     return read_handover(StageContext.from_env(), parent_run_id, flow_name)

@@ -27,6 +27,7 @@ from adaptflow.data import DataError
 from adaptflow.encoders import EncoderError
 from adaptflow.stages import StageContext, ingest_stage, resolve_encoder_stage, validate_stage
 from adaptflow.store import AccessDeniedError, ArtifactStore, StoreError
+from adaptflow.validate import LabelCaseError
 from tests.fixtures.faults import scan_bucket, unpublished_objects
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,6 +378,30 @@ def test_awkward_but_valid_csv_is_read_as_clean(ctx, tmp_path):
     assert max(map(len, texts)) > 999_000
 
 
+def mixed_case_rows(n: int = 40) -> list[tuple[str, str]]:
+    """``clean_rows`` labelled fresh/rotten, 4 rows each spelled FRESH, ROTTEN and " Fresh " (data rows 2, 12, 22, 32;
+    3, 13, 23, 33; 4, 14, 24, 34): 12 rows to fold."""
+    spelled = {1: "FRESH", 2: "ROTTEN", 3: " Fresh "}
+    return [(t, spelled.get(i % 10, "fresh" if y == "pos" else "rotten")) for i, (t, y) in enumerate(clean_rows(n))]
+
+
+def test_labels_differing_only_by_case_fail_or_fold_when_configured(ctx, tmp_path):
+    path = _write(tmp_path / "mixed.csv", csv_text(mixed_case_rows()))
+    with pytest.raises(LabelCaseError, match="differ only by case or spacing") as err:
+        data_stages(ctx, make_config(path))
+    for phrase in ("mixed.csv", "'FRESH' (4 rows", "'Fresh' (4 rows", "'fresh' (12 rows", "'ROTTEN' (4 rows",
+                   "'rotten' (16 rows", "data.label_case: fold"):
+        assert phrase in str(err.value), str(err.value)
+    assert_nothing_partial(ctx.store)
+
+    validated = data_stages(ctx, make_config(path, label_case="fold"))
+    assert validated["labels"] == ["fresh", "rotten"] and validated["rows"]["quarantined"] == 0
+    assert validated["report"]["label_case"] == {
+        "mode": "fold", "folded_rows": 12, "groups": {"fresh": {"FRESH": 4, "Fresh": 4}, "rotten": {"ROTTEN": 4}}}
+    report = json.loads(ctx.store.get_bytes(validated["validated"].split("/", 3)[3] + "/report.json"))
+    assert report["label_case"]["folded_rows"] == 12
+
+
 # ---------------------------------------------------------------------------------------------- whole flow
 
 
@@ -469,6 +494,26 @@ def test_cli_bad_data_exits_2_with_one_paragraph_and_no_traceback(cli_env, tmp_p
     for secret in (test_settings.secret_key, test_settings.aws_access_key_id):
         assert secret not in done.stderr + done.stdout
     assert registered_versions(test_settings, "bad-input-cli") == []
+
+
+def test_cli_labels_differing_only_by_case_exit_2_or_fold_into_two_classes(cli_env, tmp_path, tiny_encoder_path,
+                                                                          test_settings):
+    path = _write(tmp_path / "mixed.csv", csv_text(mixed_case_rows()))
+    config = str(cli_config(tmp_path, str(path), tiny_encoder_path))
+    done = run_cli(["retrain", config, "--json"], cli_env, tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert_one_paragraph(done.stderr, "mixed.csv", "differ only by case or spacing", "'FRESH' (4 rows",
+                         "'ROTTEN' (4 rows", "data.label_case: fold")
+    assert registered_versions(test_settings, "bad-input-cli") == []
+
+    done = run_cli(["retrain", config, "--json", "--set", "data.label_case=fold"], cli_env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(k for k in summary["metrics"] if k.startswith("support.")) == ["support.fresh", "support.rotten"]
+    assert summary["rows"]["train"] + summary["rows"]["test"] == 40
+    store = ArtifactStore.from_settings(test_settings, bucket=cli_env["ADAPTFLOW_BUCKET"])
+    report = json.loads(store.get_bytes(summary["artifacts"]["validated"].split("/", 3)[3] + "/report.json"))
+    assert report["labels"] == ["fresh", "rotten"] and report["label_case"]["folded_rows"] == 12
 
 
 def test_cli_wrong_credentials_exit_2_without_echoing_them(cli_env, tmp_path, tiny_encoder_path, test_settings):

@@ -93,27 +93,76 @@ def test_any_setting_change_is_a_different_key(store, change):
         other.read(hashes)
 
 
-def test_tampered_vectors_are_detected(store):
+def test_tampered_vectors_are_detected_marked_and_replaced(store):
     cache = EmbeddingCache(store, **SPEC)
     hashes, vectors = rows(5)
+    other_hashes, other_vectors = rows(4, seed=3, start=5)
     shard = cache.write_shard(hashes, vectors)
+    cache.write_shard(other_hashes, other_vectors)
     assert cache.missing(hashes) == []  # this instance's index is loaded before the tampering
     prefix = f"{cache.prefix}/shards/{shard}"
     buf = io.BytesIO()
     np.save(buf, vectors + 1e-3)
     store.put_bytes(f"{prefix}/vectors.npy", buf.getvalue())
-    with pytest.raises(CacheIntegrityError, match="vectors.npy sha256"):
-        EmbeddingCache(store, **SPEC).read(hashes)
-    # a forger who also rewrites the manifest still cannot match the content-derived shard id
-    manifest = json.loads(store.get_bytes(f"{prefix}/_manifest.json"))
-    manifest["objects"]["vectors.npy"]["sha256"] = __import__("hashlib").sha256(buf.getvalue()).hexdigest()
-    store.put_bytes(f"{prefix}/_manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(CacheIntegrityError, match="does not match the shard id"):
-        EmbeddingCache(store, **SPEC).missing(hashes)  # caught as soon as the index is loaded
-    # the remedy the message names works: drop, and the rows are missing again
+    reader = EmbeddingCache(store, **SPEC)
+    with pytest.raises(CacheIntegrityError, match="vectors.npy sha256") as caught:
+        reader.read(hashes)
+    # the message names a remedy that exists; the shard is marked (a worker may write, not delete) and ignored
+    assert "adaptflow cache verify --repair" in str(caught.value) and "drop_shard" not in str(caught.value)
+    assert caught.value.shard == shard
+    assert store.read_manifest(f"{cache.prefix}/corrupt/{shard}")["meta"]["reason"].startswith("vectors.npy sha256")
+    fresh = EmbeddingCache(store, **SPEC)
+    assert fresh.missing(hashes + other_hashes) == hashes  # skipped unread, the other shard still served
+    assert [(c.id, set(c.hashes)) for c in fresh.corrupt_shards] == [(shard, set(hashes))]
+    # the same rows encoded again, bit for bit: a new (salted) shard, since the marked id cannot be reused
+    again = fresh.write_shard(hashes, vectors)
+    assert again != shard and store.read_manifest(f"{cache.prefix}/shards/{again}")["meta"]["salt"] == 1
+    for reader in (fresh, EmbeddingCache(store, **SPEC)):
+        np.testing.assert_array_equal(reader.read(hashes + other_hashes), np.concatenate([vectors, other_vectors]))
+        assert reader.verify(hashes + other_hashes) == []
+    # the remedy the message names works (`adaptflow cache verify --repair` deletes as drop_shard does)
     cache.drop_shard(shard)
-    assert cache.missing(hashes) == hashes
-    assert list(store.list_keys(prefix)) == []
+    assert list(store.list_keys(prefix)) == [] and list(store.list_keys(f"{cache.prefix}/corrupt/")) == []
+    assert EmbeddingCache(store, **SPEC).corrupt_shards == []
+
+
+def test_a_forged_manifest_or_hashes_file_is_skipped_at_index_load(store):
+    cache = EmbeddingCache(store, **SPEC)
+    (h1, v1), (h2, v2), (h3, v3) = rows(3, seed=1), rows(3, seed=2, start=3), rows(3, seed=3, start=6)
+    forged, shortened = cache.write_shard(h1, v1), cache.write_shard(h2, v2)
+    cache.write_shard(h3, v3)
+    # a forger who rewrites vectors.npy and the manifest still cannot match the content-derived shard id
+    buf = io.BytesIO()
+    np.save(buf, v1 + 1)
+    store.put_bytes(f"{cache.prefix}/shards/{forged}/vectors.npy", buf.getvalue())
+    manifest = json.loads(store.get_bytes(f"{cache.prefix}/shards/{forged}/_manifest.json"))
+    manifest["objects"]["vectors.npy"]["sha256"] = __import__("hashlib").sha256(buf.getvalue()).hexdigest()
+    store.put_bytes(f"{cache.prefix}/shards/{forged}/_manifest.json", json.dumps(manifest).encode())
+    store.put_bytes(f"{cache.prefix}/shards/{shortened}/hashes.txt", (h2[0] + "\n").encode())
+    fresh = EmbeddingCache(store, **SPEC)
+    assert fresh.missing(h1 + h2 + h3) == h1 + h2  # caught as soon as the index is loaded, and skipped
+    reasons = {c.id: c.reason for c in fresh.corrupt_shards}
+    assert "does not match the shard id" in reasons[forged] and "hashes.txt sha256" in reasons[shortened]
+    np.testing.assert_array_equal(fresh.read(h3), v3)
+
+
+def test_verify_finds_corrupt_vectors_before_a_read_would(store, monkeypatch):
+    cache = EmbeddingCache(store, **SPEC)
+    (h1, v1), (h2, v2) = rows(4, seed=1), rows(4, seed=2, start=4)
+    bad = cache.write_shard(h1, v1)
+    cache.write_shard(h2, v2)
+    fetched = []
+    get = store.get_bytes
+    monkeypatch.setattr(store, "get_bytes", lambda key: fetched.append(key) or get(key))
+    assert EmbeddingCache(store, **SPEC).verify(h1 + h2) == []
+    assert not any(k.endswith("vectors.npy") for k in fetched)  # listed ETags = recorded MD5s: nothing downloaded
+    store.put_bytes(f"{cache.prefix}/shards/{bad}/vectors.npy", b"not a numpy file")
+    reader = EmbeddingCache(store, **SPEC)
+    assert reader.missing(h1 + h2) == []  # the index (hashes) is sound: only the vectors are not
+    found = reader.verify(h1[:1] + h2)
+    assert [(c.id, sorted(c.hashes)) for c in found] == [(bad, sorted(h1))]
+    assert reader.missing(h1 + h2) == h1  # now encoded again rather than failing a later read
+    assert EmbeddingCache(store, **SPEC).verify(h1 + h2) == []  # the marker spares later readers the download
 
 
 def test_read_downloads_only_the_shards_it_needs(store, monkeypatch):

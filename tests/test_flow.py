@@ -91,7 +91,7 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
 def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, change, tiny_encoder_path):
     from flows.retrain import retrain
 
-    base = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path)))
+    base = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path)), force=True)  # 2nd param
     changed = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path), **change))
     assert changed["embeddings"]["cached"] == 0
     assert changed["embeddings"]["encoded"] == base["embeddings"]["encoded"] + base["embeddings"]["cached"]

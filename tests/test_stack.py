@@ -6,16 +6,21 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import urllib.error
 import urllib.request
 
 import boto3
+import psutil
 import pytest
 from botocore.config import Config
 from typer.testing import CliRunner
 
 from adaptflow import stack
 from adaptflow.cli.stack import app
+from adaptflow.ports import free_port, port_free
+from adaptflow.settings import load_settings
+from adaptflow.stack_state import read_stack_state, write_services
 
 runner = CliRunner()
 
@@ -32,14 +37,23 @@ def group_gone(pid: int) -> bool:
     return False
 
 
+def alive(proc: psutil.Process) -> bool:
+    """True while ``proc`` (that very process, not a reuse of its PID) runs; a zombie counts as gone."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def recorded_ports(state_dir) -> list[int]:
-    return [p for e in stack.read_services(state_dir).values() for p in (e["port"], *e.get("ports", {}).values())]
+    services = read_stack_state(state_dir).services
+    return [p for e in services.values() for p in (e["port"], *e.get("ports", {}).values())]
 
 
 def test_up_status_down_up_keeps_data(tmp_path):
     d = str(tmp_path / "state")
     taken: set[int] = set()  # explicit free ports: never take (or move) a developer's 8333/5000/4200
-    ports = {name: stack.free_port(taken, twin=name == "s3") for name in stack.SERVICES}
+    ports = {name: free_port(taken, twin=name == "s3") for name in stack.SERVICES}
     argv = ["--state-dir", d, "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"])]
     try:
         result = cli("up", *argv, "--prefect-port", str(ports["prefect"]), "--timeout", "120")
@@ -52,6 +66,9 @@ def test_up_status_down_up_keeps_data(tmp_path):
         assert all(s["healthy"] and s["url"] for s in status.values()), status
         assert status["prefect"]["api_url"] == f"http://127.0.0.1:{ports['prefect']}/api"
         pids = [s["pid"] for s in status.values()]
+        # each service with every process it started (MLflow's and Prefect's workers)
+        tree = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
+        assert len(tree) > len(pids)
 
         # idempotent: a second up leaves the running services alone
         assert cli("up", "--state-dir", d, "--json").exit_code == 0
@@ -77,7 +94,8 @@ def test_up_status_down_up_keeps_data(tmp_path):
         result = cli("down", "--state-dir", d)
         assert result.exit_code == 0, result.output
         assert all(group_gone(pid) for pid in pids)
-        assert all(stack.port_free(p) for p in recorded_ports(d))
+        assert not [p for p in tree if alive(p)]  # no worker left behind either
+        assert all(port_free(p) for p in recorded_ports(d))
         result = cli("status", "--state-dir", d, "--json")
         assert result.exit_code == 1 and not any(s["healthy"] for s in json.loads(result.stdout).values())
 
@@ -108,4 +126,36 @@ def test_requested_port_taken_is_named(tmp_path):
         result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "s3", "--s3-port", str(port)])
     assert result.exit_code == 1
     assert f"port {port}" in result.stderr and f"pid {os.getpid()}" in result.stderr  # who holds it
-    assert stack.read_services(tmp_path) == {}  # nothing started
+    assert read_stack_state(tmp_path).services == {}  # nothing started
+
+
+def test_a_reused_pid_is_not_ours(tmp_path):
+    """A recorded PID now held by another process (same PID, other start) is neither reported nor stopped."""
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)  # its own group, like a service
+    try:
+        started = psutil.Process(stranger.pid).create_time()
+        port = free_port(set())
+        write_services(tmp_path, {"mlflow": {"url": f"http://127.0.0.1:{port}", "port": port,
+                                             "pid": stranger.pid, "create_time": started - 3600}})  # fmt: skip
+        assert not stack.status(tmp_path)["mlflow"]["running"]
+        stack.down(tmp_path)
+        assert stranger.poll() is None  # not signalled
+        assert read_stack_state(tmp_path).services["mlflow"]["pid"] is None and port_free(port)
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_settings_and_stack_read_the_same_state(tmp_path, monkeypatch):
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "ADAPTFLOW_BUCKET"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    write_services(tmp_path, {"s3": {"url": "http://127.0.0.1:18333", "port": 18333, "bucket": "b"},
+                              "mlflow": {"url": "http://127.0.0.1:15000", "port": 15000}})  # fmt: skip
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({"aws_access_key_id": "id", "aws_secret_access_key": "secret"}))
+    os.chmod(creds, 0o644)  # loosened: whoever reads it first (here the settings) makes it private again
+    settings = load_settings(tmp_path)
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert settings.from_stack and settings.secret_key == "secret" and settings.bucket == "b"
+    assert stack.stack_settings(tmp_path).model_dump(exclude={"from_stack"}) == settings.model_dump(exclude={"from_stack"})

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from adaptflow.data import DataError, read_parquet_bytes, to_parquet_bytes
-from adaptflow.validate import QUARANTINE_COLUMNS, ValidationRules, validate_split
+from adaptflow.validate import QUARANTINE_COLUMNS, LabelCaseError, ValidationRules, validate_split
 
 RULES = ValidationRules()
 
@@ -117,6 +117,7 @@ def test_cannot_go_on(train, test, rules, match):
         ({"min_class_count": 2.5}, "min_class_count must be an integer"),
         ({"max_quarantine_fraction": 1.5}, r"max_quarantine_fraction must be a number in \[0, 1\]"),
         ({"drop_leakage": "yes"}, "drop_leakage must be True or False"),
+        ({"label_case": "lower"}, "label_case must be one of error, fold"),
     ],
 )
 def test_rules_are_checked(kwargs, match):
@@ -131,3 +132,27 @@ def test_parquet_snapshots_validate_the_same():
     )
     assert reasons(result) == {5: "missing_label"} and result.quarantine["label"].tolist() == [None]
     assert read_parquet_bytes(to_parquet_bytes(result.quarantine)).equals(result.quarantine)
+
+
+def test_labels_differing_only_by_case_or_spacing_fail_naming_them():
+    train = [("a3", "A"), ("a4", "A"), ("a5", " a "), ("b3", "B"), ("b4", "b"), ("b5", "b")]
+    with pytest.raises(LabelCaseError, match="differ only by case or spacing") as err:
+        run(train, [("a8", "A")])
+    message = str(err.value)
+    assert isinstance(err.value, DataError) and message.startswith("d.csv: ")
+    assert "'A' (3 rows: train rows 5, 6; test rows 102) vs 'a' (3 rows: train rows 1, 2; test rows 100)" in message
+    assert "' a ' (1 row: train rows 7)" in message
+    assert "'b' (5 rows: train rows 3, 4, 9, 10; test rows 101) vs 'B' (1 row: train rows 8)" in message
+    assert "data.label_case: fold" in message
+
+
+def test_label_case_fold_merges_into_the_most_frequent_spelling_and_counts_rows():
+    train = [("a3", "A"), ("a1", "A"), ("b3", " B "), ("b4", "b "), ("c1", "c"), ("c2", "c")]
+    result = run(train, [("b8", "B ")], rules=ValidationRules(label_case="fold"))
+    assert result.labels == ["a", "b", "c"]
+    assert result.report["label_case"] == {"mode": "fold", "folded_rows": 5,
+                                           "groups": {"a": {"A": 2}, "b": {" B ": 1, "B ": 1, "b ": 1}}}
+    assert set(result.train["label"]) == {"a", "b", "c"} and set(result.test["label"]) == {"a", "b"}
+    # "a1" labelled "a" and "A" is one label twice (a duplicate), not a conflict
+    assert result.quarantine.empty and result.dropped["row"].tolist() == [6]
+    assert run().report["label_case"] == {"mode": "error", "folded_rows": 0, "groups": {}}

@@ -10,6 +10,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from adaptflow.cli.cache import app as cache_app  # noqa: E402
 from adaptflow.cli.deploy import deploy, worker  # noqa: E402
 from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
 from adaptflow.cli.models import app as models_app, promote, rollback  # noqa: E402
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack", help="Start, inspect and stop the local S3 / MLflow / Prefect stack.")
 app.add_typer(encoder_app, name="encoder", help="Store encoder snapshots in S3.")
+app.add_typer(cache_app, name="cache", help="Check and repair the embedding cache (`cache verify [--repair]`).")
 app.add_typer(models_app, name="models", help="Registered models: versions, decisions, alias history.")
 app.command()(retrain)
 app.command()(predict)

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from adaptflow.cli.errors import fail
-
-StateDir = Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")]
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 
 def _server_env(state_dir: Optional[Path]) -> dict[str, str]:
@@ -29,7 +28,7 @@ def deploy(
     config: Annotated[str, typer.Argument(help="Config the scheduled runs use: a path the workers can read, or s3://.")],
     cron: Annotated[str, typer.Option(help="Schedule of retrain-nightly (cron, UTC).")] = "0 2 * * *",
     no_gpu: Annotated[bool, typer.Option("--no-gpu", help="Run embed + fit head inline on the cpu pool.")] = False,
-    state_dir: StateDir = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Create pools `cpu` and `gpu`, the global concurrency limit `gpu`, and the deployments
     retrain-from-config/retrain-nightly (cron, one at a time), retrain-from-config/retrain-on-demand and
@@ -53,7 +52,7 @@ def deploy(
 def worker(
     pool: Annotated[str, typer.Option(help="Work pool to serve: cpu or gpu.")] = "cpu",
     limit: Annotated[Optional[int], typer.Option(help="Maximum concurrent flow runs of this worker.")] = None,
-    state_dir: StateDir = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Start a Prefect process worker for POOL with the services' endpoints and credentials in its env."""
     try:

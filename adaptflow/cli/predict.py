@@ -10,13 +10,14 @@ from typing import Annotated, Optional
 import typer
 
 from adaptflow.cli.errors import fail
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 
 def predict(
     model_uri: Annotated[str, typer.Argument(help="MLflow model URI, e.g. models:/NAME@champion or models:/NAME/3.")],
     text: Annotated[list[str], typer.Option("--text", "-t", help="A text to classify (repeatable).")] = [],
     input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="A file with one text per line.")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Print one JSON line per text: {"text", "label", "probabilities"}."""
     from adaptflow.settings import load_settings

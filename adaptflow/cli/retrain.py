@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from adaptflow.cli.errors import fail, quiet_console_tracebacks
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 # No telemetry from the ephemeral Prefect server a run without PREFECT_API_URL starts: offline it only fails,
 # and its failure lands on the console as a traceback (SQLite "database is locked", unknown host).
@@ -35,7 +36,7 @@ def retrain(
     set_: Annotated[list[str], typer.Option("--set", help="Override a key, e.g. --set head.epochs=20 (repeatable).")] = [],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if nothing changed since the latest version.")] = False,
-    state_dir: Annotated[Optional[Path], typer.Option(help="Local stack state dir (default .adaptflow).")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Retrain a classifier head and register it in MLflow.
 
@@ -96,4 +97,8 @@ def print_summary(summary: dict) -> None:
     print(f"  accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ECE {m.get('ece', float('nan')):.4f}")
     print(f"  rows: train {rows['train']}, test {rows['test']}, quarantined {rows['quarantined']}")
     print(f"  embeddings: {emb['encoded']} encoded, {emb['cached']} from cache ({emb['dtype']})")
+    if (corrupt := emb.get("corrupt") or {}).get("shards_ignored"):
+        n = corrupt["shards_ignored"]
+        print(f"  {n} corrupt shard{'' if n == 1 else 's'} ignored ({corrupt['rows_reencoded']} rows re-encoded); "
+              "`adaptflow cache verify --repair` removes them")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items()))

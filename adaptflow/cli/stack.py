@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from adaptflow.cli.errors import fail
+from adaptflow.cli.options import DEFAULT_STATE_DIR, StateDir
 
 app = typer.Typer(
     help="The local stack: SeaweedFS as S3, an MLflow tracking server and a Prefect server, all on 127.0.0.1.\n\n"
@@ -20,10 +20,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-StateDir = Annotated[
-    Path,
-    typer.Option("--state-dir", envvar="ADAPTFLOW_STATE_DIR", help="Where state, data and logs live."),
-]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object (service -> url, healthy, pid, ...).")]
 
 
@@ -49,7 +45,7 @@ def _print_status(status: dict) -> None:
 
 @app.command()
 def up(
-    state_dir: StateDir = Path(".adaptflow"),
+    state_dir: StateDir = DEFAULT_STATE_DIR,
     only: Annotated[
         Optional[str], typer.Option(help="Comma-separated subset of s3,mlflow,prefect (mlflow brings s3 along).")
     ] = None,
@@ -85,7 +81,7 @@ def up(
 
 
 @app.command()
-def status(state_dir: StateDir = Path(".adaptflow"), as_json: AsJson = False) -> None:
+def status(state_dir: StateDir = DEFAULT_STATE_DIR, as_json: AsJson = False) -> None:
     """Show each service's URL and health; exit 1 when a started service is not healthy."""
     from adaptflow import stack
 
@@ -100,7 +96,7 @@ def status(state_dir: StateDir = Path(".adaptflow"), as_json: AsJson = False) ->
 
 
 @app.command()
-def down(state_dir: StateDir = Path(".adaptflow")) -> None:
+def down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """Stop every service of this state dir (SIGTERM, then harder); the data stays for the next `up`."""
     from adaptflow import stack
 
@@ -114,7 +110,7 @@ def down(state_dir: StateDir = Path(".adaptflow")) -> None:
 
 
 @app.command()
-def env(state_dir: StateDir = Path(".adaptflow")) -> None:
+def env(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """Print `export` lines (secrets included) for `eval "$(adaptflow stack env)"`."""
     from adaptflow import stack
 
