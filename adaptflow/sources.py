@@ -103,6 +103,40 @@ def read_source(location: str | os.PathLike | list[str], *, text_column: str, la
     return SourceRows(frame.reset_index(drop=True), reader.partitions)
 
 
+def list_partitions(location: str | os.PathLike | list[str], *, store=None) -> list[dict]:
+    """The partitions ``location`` names (``path``, ``size``, ``etag``, ``keys``), listed without reading a row.
+
+    What a watcher compares between ticks (``adaptflow.changes``): S3 objects by their listing's ETag, local files
+    by the ``sha256:`` of their bytes, as :func:`read_source` records them. A Hugging Face dataset counts as one
+    partition (its Arrow files' digest); a hub id cannot be listed and is skipped.
+    """
+    reader = _Reader({}, store=store, settings=None, split="train")
+    found: list[dict] = []
+    items = [location] if isinstance(location, (str, os.PathLike)) else list(location)
+    for item in map(os.fspath, items):
+        kind = location_kind(item)
+        if kind == "hf_hub":
+            continue
+        if kind == "hf_disk":
+            target, _ = _split_suffix(item)
+            files = sorted(p for p in Path(target).rglob("*.arrow") if p.is_file())
+            digest = hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+            parts = [_Partition(item, sum(f.stat().st_size for f in files), f"sha256:{digest}", {})]
+        elif kind == "file":
+            if item.startswith("s3://"):
+                parts = [reader._s3_object(item)]
+            else:
+                path = Path(item).resolve()
+                if not path.is_file():
+                    raise DataError(f"{item}: no such file or folder (looked for {path}).")
+                parts = [_Partition(str(path), path.stat().st_size, _sha256(path), {})]
+        else:
+            parts = reader._list(item, kind)
+        found += [{"path": p.path, "size": p.size, "etag": p.etag, **({"keys": p.keys} if p.keys else {})}
+                  for p in parts if p.etag or p.size]
+    return found
+
+
 def location_kind(location: str) -> str:
     """``"file"``, ``"folder"``, ``"glob"``, ``"hf_disk"`` or ``"hf_hub"`` (a lake prefix on S3 is a ``"folder"``)."""
     if location.startswith("hf://"):
@@ -505,4 +539,5 @@ def partition_summary(partitions: Iterable[dict]) -> str:
             f"{sum(p['size'] for p in parts) / 1e6:.1f} MB")
 
 
-__all__ = ["SourceRows", "describe", "location_kind", "partition_summary", "read_source", "s3_filesystem"]
+__all__ = ["SourceRows", "describe", "list_partitions", "location_kind", "partition_summary", "read_source",
+           "s3_filesystem"]

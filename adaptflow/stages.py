@@ -393,6 +393,9 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
         ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
         row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
+    from adaptflow.changes import FINGERPRINT_TAG, fingerprint  # what a later unchanged run is compared with
+
+    tags[FINGERPRINT_TAG] = fingerprint(data_digest=snapshot["digest"], config=config, encoder_digest=encoder["digest"])
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):

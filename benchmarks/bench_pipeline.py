@@ -161,6 +161,34 @@ def bench_overhead(ctx) -> Row:
                data)
 
 
+def bench_noop(ctx) -> Row:
+    """A night without new data: the whole `adaptflow retrain --json` process on data, config and encoder the latest
+    version was trained on (warm stack, same bucket); median of 3 after the run that registers the version."""
+    data = _smoke_rt(ctx) if ctx.smoke else RT_CSV
+    cfg = write_config(ctx.work / "noop.yaml", name="bench-noop", train=data, encoder=_encoder(ctx), gate=_gate(ctx))
+    bucket = f"bench-noop-{uuid.uuid4().hex[:8]}"
+    first = ctx.runner.retrain(cfg, bucket=bucket, force=False)
+    log(f"noop: first run {first.wall_s:.1f}s (registered: {first.summary.get('registered')})")
+    runs = []
+    for i in range(1 if ctx.smoke else 3):
+        runs.append(ctx.runner.retrain(cfg, bucket=bucket, force=False))
+        log(f"noop: run {i + 1}: {runs[-1].wall_s:.1f}s")
+        if runs[-1].summary.get("registered") is not False:
+            raise RuntimeError(f"an unchanged run registered version {runs[-1].summary.get('version')}")
+    walls = [r.wall_s for r in runs]
+    median = statistics.median(walls)
+    since = runs[-1].summary["unchanged_since"]
+    data_out = {"walls": walls, "median_s": median, "first_run_s": first.wall_s, "unchanged_since": since,
+                "check_s": runs[-1].summary.get("seconds", {}), "peak_rss_mb": runs[-1].peak_rss_mb}
+    measured = (f"median **{fmt_s(median)}** per unchanged run (min {fmt_s(min(walls))}; the run that registered "
+                f"version {since}: {fmt_s(first.wall_s)}); nothing registered, no alias moved")
+    return Row("noop", "no-op run (nothing changed)", measured, "<= 5 s for the whole CLI process, warm stack",
+               median <= 5,
+               "each run a fresh `adaptflow retrain CONFIG --json` process (no --force) on the bundled rotten_tomatoes "
+               "rows, data/config/encoder unchanged since the version it names; torch, Prefect and MLflow stay "
+               "unimported (tests/test_changes.py)", data_out)
+
+
 IMPORTS = ("import flows.retrain, mlflow.pyfunc, matplotlib.pyplot; "
            "from transformers import AutoModel, AutoTokenizer, BertModel")
 

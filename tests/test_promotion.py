@@ -71,7 +71,7 @@ def test_gate_rejects_promotes_holds_and_rollback_is_audited(services_env, fresh
     assert client.get_model_version_by_alias(NAME, "champion").version == better["version"]
     assert client.get_model_version_by_alias(NAME, "challenger").version == noisy["version"]
 
-    same = retrain(config(datasets, "full"))  # identical predictions: no evidence either way
+    same = retrain(config(datasets, "full"), force=True)  # identical predictions: no evidence either way
     assert same["decision"] == "hold" and same["gate"]["delta"] == 0
     assert client.get_model_version_by_alias(NAME, "champion").version == better["version"]
 
