@@ -1,6 +1,6 @@
 """Run the standard benchmarks and write ``benchmarks/results/latest.{json,md}`` (``make bench``).
 
-    python -m benchmarks.run                      # all six rows (~20 min on 2 cores); also updates RESULTS.md
+    python -m benchmarks.run                      # every row (~20 min on 2 cores); also updates RESULTS.md
     python -m benchmarks.run --smoke              # tiny data and a tiny encoder: proves every row runs (CI)
     python -m benchmarks.run --only vs_seed,encoder
     python -m benchmarks.run --services .adaptflow   # use a running stack instead of starting a private one
