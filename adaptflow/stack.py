@@ -187,7 +187,8 @@ def _service_env(name: str, entry: dict, env: dict, state_dir: Path) -> dict:
     env = dict(env, PREFECT_HOME=str((state_dir / "prefect").resolve()), PREFECT_API_URL=entry["api_url"],
                PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
     if entry.get("database"):  # PostgreSQL instead of the SQLite file under PREFECT_HOME
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = entry["database"].replace("postgresql://", "postgresql+asyncpg://", 1)
+        url = entry["database"].replace("postgresql://", "postgresql+asyncpg://", 1)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
     return env
 
 

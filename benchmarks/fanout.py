@@ -112,9 +112,10 @@ def run(rows: int = 20_000, layers: int = 1, work: Path | None = None) -> dict:
                 workers = []
                 for i in range(count):
                     args = ["taskset", "-c", str(i)] if shutil.which("taskset") else []
+                    log_file = (work / f"worker-{count}-{i}.log").open("w")
                     workers.append(subprocess.Popen(
                         [*args, sys.executable, "-m", "adaptflow", "worker", "--pool", "gpu", "--limit", "1"],
-                        env={**env, "ADAPTFLOW_BUCKET": bucket}, cwd=REPO, stdout=(work / f"worker-{count}-{i}.log").open("w"),
+                        env={**env, "ADAPTFLOW_BUCKET": bucket}, cwd=REPO, stdout=log_file,
                         stderr=subprocess.STDOUT, start_new_session=True))
                 with get_client(sync_client=True) as client:
                     deadline = time.monotonic() + 180

@@ -48,17 +48,16 @@ def _logger():
 
 
 def _last_sign_of_life(client, run) -> datetime | None:
-    """When ``run`` was last seen alive: its latest heartbeat event, else when it entered its current state."""
+    """When running ``run`` was last seen alive: its latest heartbeat event, else when it started running."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
-    seen = run.state.timestamp if run.state is not None else None
-    if run.state is not None and run.state.is_running():
-        page = client.read_events(EventFilter(
-            occurred=EventOccurredFilter(since=seen or datetime.now(timezone.utc) - timedelta(days=1)),
-            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
-            resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1)
-        if page.events:
-            seen = max(seen, page.events[0].occurred) if seen else page.events[0].occurred
+    seen = run.state.timestamp
+    page = client.read_events(EventFilter(
+        occurred=EventOccurredFilter(since=seen or datetime.now(timezone.utc) - timedelta(days=1)),
+        event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1)
+    if page.events:
+        seen = max(seen, page.events[0].occurred) if seen else page.events[0].occurred
     return seen
 
 
@@ -119,7 +118,8 @@ def run_parts(deployment: str, config: RunConfig, plan: dict, encoder: dict) -> 
                     done.add(key)
                     continue
                 why = state.name if state.is_final() else None
-                if why is None and (state.is_running() or state.is_pending()):
+                # only a running part can be lost: a pending one may be waiting for its pod/image for minutes
+                if why is None and state.is_running():
                     seen = _last_sign_of_life(client, run)
                     if seen is not None and datetime.now(timezone.utc) - seen > silence:
                         why = f"lost (no heartbeat for {silence.total_seconds():.0f} s: its worker is gone?)"

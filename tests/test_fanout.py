@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ import pytest
 
 from adaptflow.config import RunConfig
 from adaptflow.sharding import missing_rows, part_stage, plan_parts, plan_stage
-from adaptflow.stages import StageContext, embed_stage, ingest_stage, resolve_encoder_stage, tokenize_stage, validate_stage
+from adaptflow.stages import (StageContext, embed_stage, ingest_stage, resolve_encoder_stage, tokenize_stage,
+                              validate_stage)
 from tests.fixtures.postgres import pg_databases  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
