@@ -214,3 +214,14 @@ def test_up_on_postgres_runs_mlflow_and_prefect_there_and_down_stops_them(tmp_pa
         assert mlflow.MlflowClient(status["mlflow"]["url"]).get_experiment_by_name("on-postgres") is not None
     finally:
         stack.down(d)
+
+
+def test_postgres_option_checks_its_url_and_names_an_unreachable_server(tmp_path):
+    result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "prefect", "--postgres",
+                                 "mysql://root@127.0.0.1:3306"])
+    assert result.exit_code == 1 and "postgresql://USER" in result.stderr
+    port = free_port(set())  # nothing listens there
+    result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "prefect", "--postgres",
+                                 f"postgresql://postgres@127.0.0.1:{port}"])
+    assert result.exit_code == 1 and f"cannot reach PostgreSQL at 127.0.0.1:{port}" in result.stderr
+    assert not stack.status(tmp_path)["prefect"]["running"]  # nothing started
