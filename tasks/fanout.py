@@ -86,7 +86,9 @@ def run_parts(deployment: str, config: RunConfig, plan: dict, encoder: dict) -> 
         return {"parts": len(parts), "submitted": 0, "resubmitted": 0}
     pool = require_online_worker(deployment)
     silence = timedelta(seconds=MISSED_HEARTBEATS * orchestration.part_heartbeat_s)
-    job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(orchestration.part_heartbeat_s)}}
+    with get_client(sync_client=True) as client:  # a run's job variables replace the deployment's "env" whole
+        env = dict((client.read_deployment_by_name(deployment).job_variables or {}).get("env") or {})
+    job_variables = {"env": {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(orchestration.part_heartbeat_s)}}
     parameters = {"config": config.model_dump(mode="json"), "encoder": encoder, "dtype": plan["dtype"]}
 
     def submit(key: str):
