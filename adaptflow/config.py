@@ -119,6 +119,18 @@ class OrchestrationSection(_Section):
     gpu_timeout_s: float = Field(
         6 * 3600, gt=0, description="seconds the parent waits for the gpu subflow (queueing, waiting for a slot "
         "of the `gpu` limit, embed, fit head) before cancelling it and failing with its id")
+    shard_deployment: str | None = Field(
+        None, description="Prefect deployment (FLOW/NAME, e.g. embed-shard/gpu) that encodes one part of the rows; "
+        "unset: ADAPTFLOW_SHARD_DEPLOYMENT, else no fan-out (the embed stage encodes every row itself)")
+    shard_rows: int | None = Field(
+        200_000, ge=0, description="above this many rows to encode, embed splits them into parts of at most this "
+        "many and runs each as a flow run of shard_deployment on the gpu pool (as many at once as the `gpu` limit "
+        "allows); 0 or null: never split")
+    part_retries: int = Field(
+        2, ge=0, description="times a failed, crashed or lost part is run again (alone) before the embed step fails")
+    part_heartbeat_s: int = Field(
+        30, ge=30, description="heartbeat period of a part's flow run (PREFECT_FLOWS_HEARTBEAT_FREQUENCY); a running "
+        "part silent for 3 periods (its worker died) is marked crashed and run again")
 
 
 class RunConfig(_Section):

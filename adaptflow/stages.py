@@ -213,6 +213,18 @@ def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str):
                           pooling=config.encoder.pooling, dtype=dtype)
 
 
+def embed_device(config: RunConfig) -> str:
+    """The device the embed step uses on this machine (``encoder.device``; auto: CUDA when present)."""
+    return resolve_device(config.encoder.device)
+
+
+def embed_cache(ctx: StageContext, config: RunConfig, encoder: dict):
+    """The embedding cache the embed stage fills on this machine (dtype resolved for its device)."""
+    from adaptflow.embed import resolve_dtype
+
+    return _cache_for(ctx, config, encoder, resolve_dtype(config.encoder.dtype, embed_device(config)))
+
+
 def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
                       tokens_per_batch: int | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).

@@ -5,6 +5,8 @@
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
 - ``watch-data/watch-data``: every 10 minutes, lists the config's data partitions; new or changed ones emit
   ``adaptflow.data.changed``, on which ``retrain-on-demand`` has a trigger (``prefect.yaml`` declares the same).
+- ``embed-shard/gpu``: one part of the embed step when the rows to encode exceed ``orchestration.shard_rows``
+  (``ADAPTFLOW_SHARD_DEPLOYMENT`` in the parents' job variables); each part holds a slot of ``gpu``.
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
   ``ADAPTFLOW_GPU_DEPLOYMENT`` (set as a job variable); embed + fit head hold one slot of the global limit ``gpu``
   (``tasks/gpu_slot.py``), so runs on several gpu workers never share one GPU.
@@ -23,6 +25,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
+from flows.embed_shard import FLOW_NAME as SHARD_FLOW, embed_shard
 from flows.retrain import retrain_from_config
 from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
 from flows.watch_data import watch_data
@@ -30,6 +33,7 @@ from flows.watch_data import watch_data
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOLS = {"cpu": "ingest, validate, tokenize, evaluate, register, gate", "gpu": "embed + fit head"}
 GPU_DEPLOYMENT = f"{GPU_FLOW}/gpu"
+SHARD_DEPLOYMENT = f"{SHARD_FLOW}/gpu"
 NIGHTLY_CRON = "0 2 * * *"
 WATCH_INTERVAL_S = 600  # watch-data's schedule (prefect.yaml says the same)
 DATA_CHANGED_WINDOW_S = 300  # one retrain per burst of adaptflow.data.changed events
@@ -69,7 +73,8 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
     """
     ensure_pools(pool_type)
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
-    job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT}} if gpu else {}
+    job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT,
+                       "ADAPTFLOW_SHARD_DEPLOYMENT": SHARD_DEPLOYMENT}} if gpu else {}
     parent = retrain_from_config.from_source(source=str(source), entrypoint="flows/retrain.py:retrain_from_config")
     parent.deploy(name="retrain-nightly", work_pool_name="cpu", cron=cron, parameters={"config_uri": config_uri},
                   concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
@@ -91,7 +96,18 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
         child.deploy(name="gpu", work_pool_name="gpu", print_next_steps=False,
                      description="Embed (frozen encoder) + fit head on the GPU pool", tags=["adaptflow", "gpu"])
         names.append(GPU_DEPLOYMENT)
+        names.append(deploy_shard(source))
     return names
+
+
+def deploy_shard(source: Path = PROJECT_ROOT) -> str:
+    """Create or update ``embed-shard/gpu``: one part of a fanned-out embed step on pool ``gpu`` (the parent
+    submits every part; the ``gpu`` limit decides how many run at once)."""
+    part = embed_shard.from_source(source=str(source), entrypoint="flows/embed_shard.py:embed_shard")
+    part.deploy(name="gpu", work_pool_name="gpu", print_next_steps=False,
+                description="Encode one part of the rows (fan-out above orchestration.shard_rows)",
+                tags=["adaptflow", "gpu"])
+    return SHARD_DEPLOYMENT
 
 
 if __name__ == "__main__":

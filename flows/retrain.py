@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from adaptflow.config import RunConfig
 from tasks.changes import check_unchanged_task
 from tasks.data import ingest_data, validate_data
+from flows.embed_shard import fan_out_embed
 from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
 from tasks.embedding import resolve_encoder, run_on_gpu_pool, tokenize_texts
 from tasks.events import announce_failure, announce_outcome, emit_failed
@@ -41,6 +42,7 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
     validated = validate_data(config, snapshot)
     encoder = resolve_encoder(config)
     tokens = tokenize_texts(config, validated, encoder)
+    fan_out_embed(config, tokens, encoder)  # above orchestration.shard_rows: parts on the gpu pool, then all cached
     gpu_deployment = config.orchestration.gpu_deployment or os.environ.get("ADAPTFLOW_GPU_DEPLOYMENT")
     if gpu_deployment:  # the heavy part runs on the gpu pool's worker
         trained = run_on_gpu_pool(gpu_deployment, GPU_FLOW, {"config": config.model_dump(mode="json"),
