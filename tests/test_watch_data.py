@@ -105,7 +105,12 @@ def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
     raw = apply_values(yaml.safe_load((ROOT / "prefect.yaml").read_text()), {})  # what `prefect deploy` resolves
     model = PrefectYamlModel.model_validate(raw)
     deployments = {d.name: d for d in model.deployments}
-    assert set(deployments) == {"retrain-nightly", "retrain-on-demand", "watch-data", "gpu"}
+    assert sorted((d.name, d.entrypoint) for d in model.deployments) == [
+        ("gpu", "flows/embed_shard.py:embed_shard"), ("gpu", "flows/train_gpu.py:embed_and_train"),
+        ("retrain-nightly", "flows/retrain.py:retrain_from_config"),
+        ("retrain-on-demand", "flows/retrain.py:retrain_from_config"), ("watch-data", "flows/watch_data.py:watch_data")]
+    assert deployments["retrain-nightly"].work_pool.job_variables["env"]["ADAPTFLOW_SHARD_DEPLOYMENT"] == \
+        "embed-shard/gpu"
     for d in model.deployments:
         module, name = d.entrypoint.split(":")
         flow = getattr(__import__(module.removesuffix(".py").replace("/", "."), fromlist=[name]), name)
