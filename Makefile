@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo test test-faults bench stack-up stack-down clean
+.PHONY: install demo shell test test-faults bench stack-up stack-down clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ demo: install
 	$(VENV)/bin/adaptflow predict models:/rotten-tomatoes-sentiment@champion \
 		--text "A warm, funny and beautifully acted film." \
 		--text "A tedious, clumsy mess that wastes its cast."
+
+# An interactive shell with the venv activated (adaptflow, mlflow, uvicorn, prefect on PATH) and, when the local
+# stack is up, its endpoints and keys exported (what `eval "$(adaptflow stack env)"` does); `exit` to leave.
+# With commands on stdin instead of a terminal it runs them: `echo 'adaptflow stack status' | make -s shell`.
+shell: install
+	@. $(VENV)/bin/activate && \
+	{ ! adaptflow stack status >/dev/null 2>&1 || eval "$$(adaptflow stack env)"; } && \
+	exec "$${SHELL:-/bin/bash}"
 
 test: install
 	$(PIP) check

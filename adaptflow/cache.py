@@ -7,6 +7,7 @@ encoder snapshot, truncation, pooling or dtype can never serve a stale vector)::
     shards/<shard-id>/hashes.txt       one text sha256 per row, same order
     shards/<shard-id>/_manifest.json   written last (If-None-Match): a shard exists exactly when this does
     corrupt/<shard-id>/_manifest.json  a marker: that shard failed its check and is ignored (meta: the reason)
+    index/CURRENT, index/<gen>-<w>.npz the compacted index: sorted row digests -> (shard, row) + the shard table
 
 A shard is immutable and content-addressed: ``shard-id = sha256("<sha256(hashes.txt)>:<sha256(vectors.npy)>")``
 (``...:<salt>`` for a shard re-written with the same content as a marked one: ``meta.salt`` in its manifest).
@@ -17,6 +18,13 @@ A shard that fails its check (bit rot, a bad overwrite, a tampered manifest) is 
 run: the reader records a marker (a worker may write but not delete), drops the shard from its index, and the
 embed stage encodes its rows again into a new shard (``verify``). ``adaptflow cache verify --repair``, run by an
 identity allowed to delete, removes marked and corrupt shards and the objects of crashed writes (``audit``).
+
+Loading the index costs two GETs (the pointer and one generation, :mod:`adaptflow.cache_index`), a LIST of the
+shard objects (keys and ETags, 1000 a request) and one of the markers, plus two GETs for each shard published
+since that generation: a run's requests follow what changed, not everything ever cached. More than
+``COMPACT_AFTER`` such shards, or :meth:`EmbeddingCache.compact` (the embed stage calls it after writing), write
+a new generation. The index is additive: readers of ``FORMAT_VERSION`` 2 without it still list the shards, and
+shards they write are merged by the next reader that has it, so the version (and every cache key) stays 2.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adaptflow.cache_index import Generation, IndexStore, RowIndex, ShardRecord, to_digests, to_hex
 from adaptflow.store import MANIFEST, ArtifactStore, ConflictError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,8 @@ FORMAT_VERSION = 2
 MARKERS = "corrupt"  # embeddings/<key>/corrupt/<shard-id>/_manifest.json
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 THREADS = 8  # parallel GETs when loading the index or shards: S3 latency, not bandwidth, is the limit
+COMPACT_AFTER = 16  # shards outside the index (2 GETs each per load) before a load writes a new generation
+COMPACT_TRIES = 5  # pointer races lost in a row before a compaction gives up (the shards stay listed: no loss)
 
 
 class CacheIntegrityError(RuntimeError):
@@ -81,16 +92,7 @@ def shard_id(hashes_sha256: str, vectors_sha256: str, salt: int = 0) -> str:
     return _sha(f"{hashes_sha256}:{vectors_sha256}{f':{salt}' if salt else ''}".encode())
 
 
-@dataclass
-class _Shard:
-    id: str
-    rows: int
-    dim: int
-    hashes_sha256: str
-    vectors_sha256: str
-    salt: int = 0
-    vectors_md5: str = ""  # recorded at write time: a listed ETag equal to it means vectors.npy is as written
-    vectors_etag: str = ""  # the ETag the index's LIST reported for vectors.npy
+_Shard = ShardRecord  # a published shard as its checked manifest (or the index) describes it
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,13 @@ def _parse_hashes(shard: _Shard, body: bytes) -> np.ndarray:
     got = _sha(body)
     if got != shard.hashes_sha256:
         raise CacheIntegrityError(f"hashes.txt sha256 {got[:12]}... != {shard.hashes_sha256[:12]}...")
-    hashes = np.array(body.decode("ascii").split(), dtype="S64")
+    try:
+        hashes = to_digests(body.decode("ascii").split())
+    except ValueError:
+        raise CacheIntegrityError("hashes.txt holds something other than sha256 hex digests") from None
     if len(hashes) != shard.rows:
         raise CacheIntegrityError(f"hashes.txt has {len(hashes)} rows, manifest {shard.rows}")
-    return hashes
+    return hashes  # S32 digests, in row order
 
 
 def _parse_vectors(shard: _Shard, body: bytes) -> np.ndarray:
@@ -219,14 +224,15 @@ class EmbeddingCache:
                      "dtype": dtype, "format": FORMAT_VERSION}
         self.key = cache_key(encoder_digest=encoder_digest, max_length=max_length, pooling=pooling, dtype=dtype)
         self.prefix = f"embeddings/{self.key[:24]}"
-        # In-memory index, loaded on first use: shard list + sorted unique row hashes -> (shard number, row).
+        # In-memory index, loaded on first use: shard list + row digests sorted -> (shard number, row).
         self._shards: list[_Shard] | None = None
-        self._hashes: list[np.ndarray] = []  # per shard, 'S64' arrays, kept to rebuild the sorted index
-        self._sorted: np.ndarray = np.empty(0, dtype="S64")
-        self._shard_of = np.empty(0, dtype=np.int32)
-        self._row_of = np.empty(0, dtype=np.int32)
-        self._stale = True  # the sorted index lags self._hashes (rebuilt lazily: writes come in bursts)
+        self._rows = RowIndex()
+        self._pending: list[tuple[int, np.ndarray]] = []  # (shard number, S32 digests) not merged yet: writes
         self._corrupt: dict[str, CorruptShard] = {}  # ignored shards: marked earlier, or found corrupt by this one
+        self._index_store = IndexStore(store, self.prefix)
+        self._generation = 0  # the generation loaded (0: none)
+        self._pointer_etag: str | None = None  # the index pointer's ETag when it was read (None: no pointer)
+        self._changed = 0  # shards added to or dropped from the loaded generation: what a compaction would record
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({self.store.uri(self.prefix)}, {self.spec})"
@@ -246,35 +252,69 @@ class EmbeddingCache:
     def refresh(self) -> None:
         """Reload the index from S3 (picks up shards that other writers published since).
 
-        One LIST finds the shards and the corrupt markers; a marked shard is skipped unread, and a shard whose
-        manifest or hashes.txt fails its check is marked and skipped: it never blocks the run.
+        The compacted index (two GETs) and one LIST of the shards and one of the markers; only the shards the
+        index lacks are downloaded (manifest + hashes.txt). A marked shard is skipped unread, and a shard whose
+        manifest or hashes.txt fails its check is marked and skipped: it never blocks the run. More than
+        ``COMPACT_AFTER`` shards outside the index: a new generation is written (best effort).
         """
-        shard_dir, marker_dir, tail = f"{self.prefix}/shards/", f"{self.prefix}/{MARKERS}/", f"/{MANIFEST}"
-        keys, etags = [], {}
-        for obj in self.store.list_objects(f"{self.prefix}/"):
-            if obj["Key"].endswith(tail):
-                keys.append(obj["Key"])
-            elif obj["Key"].endswith("/vectors.npy"):
-                etags[obj["Key"][len(shard_dir) : -len("/vectors.npy")]] = str(obj.get("ETag", "")).strip('"')
-        marked = {k[len(marker_dir) : -len(tail)] for k in keys if k.startswith(marker_dir)}
-        ids = [k[len(shard_dir) : -len(tail)] for k in keys if k.startswith(shard_dir)]
+        self._load()
+        if self._changed > COMPACT_AFTER:
+            self.compact()
+
+    def _load(self) -> None:
+        gen, self._pointer_etag = self._index_store.read()
+        if gen is not None and any(shard_id(s.hashes_sha256, s.vectors_sha256, s.salt) != s.id for s in gen.shards):
+            log.warning("cache index %s names a shard that does not match its id: rebuilding from the shards",
+                        self.store.uri(self._index_store.prefix))
+            gen = None
+        self._generation = gen.number if gen is not None else 0
+        listed = self._list_shards()  # shard id -> its vectors.npy ETag, for every published (manifest) shard
+        marked = {k.split("/")[-2] for k in self.store.list_keys(f"{self._marker_prefix('')}")
+                  if k.endswith(f"/{MANIFEST}")}
+        shards, in_gen = [], {}
+        number = np.full(len(gen.shards) if gen is not None else 0, -1, dtype=np.int64)
+        for n, shard in enumerate(gen.shards if gen is not None else []):
+            in_gen[shard.id] = n
+            if shard.id in listed and shard.id not in marked:
+                shard.vectors_etag = listed[shard.id]
+                number[n] = len(shards)
+                shards.append(shard)
+        rows = gen.rows.renumber(number) if gen is not None else RowIndex()
+        kept = {s.id for s in shards}
+        new = [i for i in listed if i not in marked and i not in kept]
         # objects without a manifest (a crashed write) are simply not listed here: they are invisible
         with ThreadPoolExecutor(THREADS) as pool:
-            loaded = list(pool.map(self._load_shard_index, [i for i in ids if i not in marked]))
-            # what a marked shard claimed, to count the rows encoded again in its place (one small GET each)
-            known = [i for i in ids if i in marked]
-            claimed = list(pool.map(lambda i: _claimed_rows(self.store, self._shard_prefix(i)), known))
-        self._shards, self._hashes = [], []
-        self._corrupt = {i: CorruptShard(i, "marked corrupt by an earlier reader", rows)
-                         for i, rows in zip(known, claimed)}
+            loaded = list(pool.map(self._load_shard_index, new))
+            # what a marked shard claimed, to count the rows encoded again in its place (from the index, else
+            # one small GET each)
+            known = [i for i in listed if i in marked]
+            claimed = list(pool.map(lambda i: tuple(to_hex(gen.rows.rows_of(in_gen[i]))) if i in in_gen
+                                    else _claimed_rows(self.store, self._shard_prefix(i)), known))
+        self._shards, self._rows, self._pending = shards, rows, []
+        self._changed = (len(gen.shards) - len(shards)) if gen is not None else 0
+        self._corrupt = {i: CorruptShard(i, "marked corrupt by an earlier reader", held)
+                         for i, held in zip(known, claimed)}
         for item in filter(None, loaded):
             if isinstance(item, CorruptShard):
                 self._mark(item)
             else:
-                item[0].vectors_etag = etags.get(item[0].id, "")
+                item[0].vectors_etag = listed[item[0].id]
                 self._add(*item)
-        log.debug("embedding cache %s: %d shards, %d rows, %d corrupt ignored", self.uri, len(self._shards),
-                  sum(map(len, self._hashes)), len(self._corrupt))
+        log.debug("embedding cache %s: generation %d, %d shards (%d loaded outside it), %d rows, %d corrupt ignored",
+                  self.uri, self._generation, len(self._shards), len(self._pending), len(self._rows) +
+                  sum(len(h) for _, h in self._pending), len(self._corrupt))
+
+    def _list_shards(self) -> dict[str, str]:
+        """Every published shard (one with a manifest) -> its vectors.npy ETag as listed ("" when absent)."""
+        shard_dir, found = f"{self.prefix}/shards/", {}
+        for obj in self.store.list_objects(shard_dir):
+            shard, _, name = obj["Key"][len(shard_dir) :].partition("/")
+            entry = found.setdefault(shard, [False, ""])
+            if name == MANIFEST:
+                entry[0] = True
+            elif name == "vectors.npy":
+                entry[1] = str(obj.get("ETag", "")).strip('"')
+        return {shard: etag for shard, (published, etag) in found.items() if published}
 
     def _load_shard_index(self, shard_id: str) -> tuple[_Shard, np.ndarray] | CorruptShard | None:
         prefix = self._shard_prefix(shard_id)
@@ -287,19 +327,28 @@ class EmbeddingCache:
         except CacheIntegrityError as exc:
             return CorruptShard(shard_id, exc.reason, _claimed_rows(self.store, prefix))
 
-    def _add(self, shard: _Shard, hashes: np.ndarray) -> None:
+    def _add(self, shard: _Shard, digests: np.ndarray) -> None:
+        self._pending.append((len(self._shards), digests))
         self._shards.append(shard)
-        self._hashes.append(hashes)
-        self._stale = True
+        self._changed += 1
+
+    def _merge_pending(self) -> None:
+        if self._pending:
+            numbers, digests = zip(*self._pending)
+            self._rows = self._rows.merge(RowIndex.of_shards(numbers, digests))
+            self._pending = []
 
     def _mark(self, corrupt: CorruptShard) -> None:
         """Ignore a corrupt shard from now on: drop it from the index and record a marker for other readers."""
         self._corrupt[corrupt.id] = corrupt
         if self._shards is not None and any(s.id == corrupt.id for s in self._shards):
+            self._merge_pending()
+            number = np.full(len(self._shards), -1, dtype=np.int64)
             keep = [i for i, s in enumerate(self._shards) if s.id != corrupt.id]
+            number[keep] = np.arange(len(keep))
+            self._rows = self._rows.renumber(number)
             self._shards = [self._shards[i] for i in keep]
-            self._hashes = [self._hashes[i] for i in keep]
-            self._stale = True
+            self._changed += 1
         log.warning("embedding cache shard %s is corrupt (%s): ignored, its %d rows are encoded again; "
                     "`adaptflow cache verify --repair` removes it", self.store.uri(self._shard_prefix(corrupt.id)),
                     corrupt.reason, len(corrupt.hashes))
@@ -311,6 +360,42 @@ class EmbeddingCache:
         except StoreError as exc:  # this instance ignores it anyway; the next reader finds it again
             log.warning("could not record the corrupt-shard marker for %s: %s", corrupt.id, exc)
 
+    def compact(self) -> bool:
+        """Record every shard this instance serves as a new index generation, if that differs from the loaded one.
+
+        The generation object is written under a new name first, then the pointer is moved with If-Match on the
+        ETag read at load time. When another writer moved it meanwhile, this instance reloads (their generation
+        plus the LIST, which finds this instance's shards) and tries again, so neither writer's shards are lost.
+        Best effort: a refused write (no permission, a fault) is logged and the shards stay found by the LIST.
+
+        Returns:
+            True when a new generation became current.
+        """
+        if self._shards is None:
+            self._load()
+        for _ in range(COMPACT_TRIES):
+            if self._changed == 0:
+                return False
+            self._merge_pending()
+            gen = Generation(self._generation + 1, list(self._shards), self._rows)
+            try:
+                self._pointer_etag = self._index_store.write(gen, self._pointer_etag)
+            except ConflictError:
+                log.info("cache index %s moved by another writer: reloading and merging", self.uri)
+                self._load()
+                continue
+            except StoreError as exc:
+                log.warning("could not write the cache index for %s (the shards are still listed and served): %s",
+                            self.uri, exc)
+                return False
+            self._generation, self._changed = gen.number, 0
+            log.debug("cache index %s: generation %d, %d shards, %d rows", self.uri, gen.number, len(gen.shards),
+                      len(gen.rows))
+            return True
+        log.warning("cache index %s: gave up after %d lost races (the shards are still listed and served)",
+                    self.uri, COMPACT_TRIES)
+        return False
+
     @property
     def corrupt_shards(self) -> list[CorruptShard]:
         """The shards this instance ignores: marked by an earlier reader, or found corrupt since its index loaded."""
@@ -318,35 +403,19 @@ class EmbeddingCache:
         return list(self._corrupt.values())
 
     def _index(self) -> None:
-        """Load the index on first use; rebuild the sorted arrays after writes."""
+        """Load the index on first use; merge in the shards written since."""
         if self._shards is None:
             self.refresh()
-        if not self._stale:
-            return
-        if self._hashes:
-            allh = np.concatenate(self._hashes)
-            shard_no = np.repeat(np.arange(len(self._hashes), dtype=np.int32), [len(h) for h in self._hashes])
-            rows = np.concatenate([np.arange(len(h), dtype=np.int32) for h in self._hashes])
-            # unique keeps the first copy of a row written twice (two runs racing on the same texts): same vector
-            self._sorted, first = np.unique(allh, return_index=True)
-            self._shard_of, self._row_of = shard_no[first], rows[first]
-        else:  # every shard dropped
-            self._sorted = np.empty(0, dtype="S64")
-            self._shard_of = self._row_of = np.empty(0, dtype=np.int32)
-        self._stale = False
+        self._merge_pending()
 
     def _lookup(self, hashes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised lookup: (positions into the sorted index, found mask) for each requested hash."""
         self._index()
-        query = np.asarray(list(hashes), dtype="S64")
-        if len(self._sorted) == 0:
-            return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
-        pos = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
-        return pos, self._sorted[pos] == query
+        return self._rows.lookup(to_digests(hashes))
 
     def __len__(self) -> int:
         self._index()
-        return len(self._sorted)
+        return self._rows.unique_count()
 
     # ---- the contract --------------------------------------------------------------------------------
 
@@ -403,7 +472,7 @@ class EmbeddingCache:
                 log.debug("shard %s already published (a retried write): nothing to do", shard.id)
             break
         if self._shards is not None and all(s.id != shard.id for s in self._shards):
-            self._add(shard, np.asarray(hashes, dtype="S64"))
+            self._add(shard, to_digests(hashes))
         # (when the index was never loaded, the first read lists S3 and finds this shard there)
         return shard.id
 
@@ -421,16 +490,16 @@ class EmbeddingCache:
             The shards found corrupt by this call (see :attr:`corrupt_shards` for all that are ignored).
         """
         pos, found = self._lookup(list(dict.fromkeys(hashes)))
-        needed = np.unique(self._shard_of[pos[found]])
-        work = [(self._shards[i], self._hashes[i]) for i in needed
+        needed = np.unique(self._rows.shard_of[pos[found]])
+        work = [i for i in needed
                 if not self._shards[i].vectors_md5 or self._shards[i].vectors_etag != self._shards[i].vectors_md5]
 
-        def check(item) -> CorruptShard | None:
-            shard, rows = item
+        def check(number: int) -> CorruptShard | None:
+            shard = self._shards[number]
             try:
                 self._load_vectors(shard)
             except CacheIntegrityError as exc:
-                return CorruptShard(shard.id, exc.reason, tuple(h.decode() for h in rows))
+                return CorruptShard(shard.id, exc.reason, tuple(to_hex(self._rows.rows_of(number))))
             return None
 
         with ThreadPoolExecutor(THREADS) as pool:
@@ -463,7 +532,7 @@ class EmbeddingCache:
         if not hashes:
             dims = {s.dim for s in self._shards}
             return np.zeros((0, dims.pop() if len(dims) == 1 else 0), dtype=np.float32)
-        shard_no, rows = self._shard_of[pos], self._row_of[pos]
+        shard_no, rows = self._rows.shard_of[pos], self._rows.row_of[pos]
         # group the requested rows by shard with one argsort instead of a pass over all rows per shard
         order = np.argsort(shard_no, kind="stable")
         needed, starts = np.unique(shard_no[order], return_index=True)
@@ -484,8 +553,8 @@ class EmbeddingCache:
                         out[sel] = shard_vectors[rows[sel]]
                 except CacheIntegrityError as exc:  # corrupt since the embed stage checked it: mark, then fail
                     shard = next(s for s in window if s.id == exc.shard)
-                    self._mark(CorruptShard(shard.id, exc.reason,
-                                            tuple(h.decode() for h in self._hashes[self._shards.index(shard)])))
+                    rows_held = to_hex(self._rows.rows_of(self._shards.index(shard)))
+                    self._mark(CorruptShard(shard.id, exc.reason, tuple(rows_held)))
                     raise
         return out
 
@@ -514,4 +583,3 @@ class EmbeddingCache:
             for key in list(self.store.list_keys(f"{prefix}/")):
                 self.store.delete(key)
         self._shards = None  # reload on next use
-        self._stale = True

@@ -8,6 +8,7 @@ the operator's command. Readers never need it (see adaptflow.cache: corrupt shar
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from adaptflow.cache import MARKERS, THREADS, check_shard
-from adaptflow.store import MANIFEST, ArtifactStore
+from adaptflow.cache_index import CURRENT, INDEX
+from adaptflow.store import MANIFEST, ArtifactStore, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,17 @@ class CacheAudit:
     shards: int = 0
     problems: list[CacheProblem] = field(default_factory=list)
     recent_objects: int = 0  # unpublished objects younger than the age limit: maybe a write in flight, left alone
+    index_objects: int = 0  # the compacted indexes' pointers and generations (adaptflow.cache_index): not problems
+    # index generations no pointer names any more, older than the age limit: space, not a problem; --repair deletes
+    superseded: list[CacheProblem] = field(default_factory=list)
+
+
+def current_generation(store: ArtifactStore, index_prefix: str) -> str | None:
+    """The generation object ``<index_prefix>/CURRENT`` names, or None."""
+    try:
+        return json.loads(store.get_bytes(f"{index_prefix}/{CURRENT}")).get("object")
+    except (NotFoundError, ValueError):
+        return None
 
 
 def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embeddings/") -> CacheAudit:
@@ -52,6 +65,7 @@ def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embed
             at least this old (a writer publishes its manifest seconds after its objects).
     """
     now = datetime.now(timezone.utc)
+    pointers: dict[str, str | None] = {}  # index prefix -> the generation its CURRENT names
     groups: dict[str, list[dict]] = {}  # "embeddings/<key>/<shards|corrupt>/<id>" -> its objects
     for obj in store.list_objects(root):
         parts = obj["Key"].split("/")
@@ -72,6 +86,17 @@ def audit(store: ArtifactStore, *, min_age_s: float = 3600.0, root: str = "embed
     for prefix, objects in sorted(groups.items()):
         parts = prefix.split("/")
         kind = parts[2] if len(parts) == 4 else None
+        if kind == INDEX:  # embeddings/<key>/index/<CURRENT | generation>: derived from the shards, rebuilt at will
+            result.index_objects += len(objects)
+            index_prefix = "/".join(parts[:3])
+            if index_prefix not in pointers:
+                pointers[index_prefix] = current_generation(store, index_prefix)
+            if parts[3] not in (CURRENT, pointers[index_prefix]):
+                age = min((now - o["LastModified"]).total_seconds() for o in objects)
+                if age >= min_age_s:  # a younger one may be a compaction whose pointer move is in flight
+                    result.superseded.append(CacheProblem("superseded", prefix, "an index generation no pointer "
+                                                          f"names, {age:.0f} s old", [prefix]))
+            continue
         marker = "/".join([*parts[:2], MARKERS, parts[3]]) if kind == "shards" else None
         if kind == "shards" and published(prefix):
             if marker in groups:

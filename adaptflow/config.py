@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from adaptflow.gate import GateRules
 
@@ -37,6 +38,11 @@ class DataSection(_Section):
     label_column: str = "label"
     group_column: str | None = Field(None, description="rows sharing a group never straddle the split")
     test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    split: Literal["hash", "time"] = Field(
+        "hash", description="hash: a row's side is fixed by its group/text and the seed, so growing data never "
+        "moves it; time: the newest test_size of rows (by time_column) is the test set")
+    time_column: str | None = Field(None, description="column or Hive partition key holding each row's time "
+                                    "(numbers or ISO dates); needed by split: time")
     min_class_count: int = Field(2, ge=1, description="classes rarer than this in train are quarantined")
     max_quarantine_fraction: float = Field(0.5, gt=0.0, le=1.0, description="fail above this share of bad rows")
     label_case: Literal["error", "fold"] = Field(
@@ -55,22 +61,47 @@ class EncoderSection(_Section):
 
 
 class HeadSection(_Section):
-    """Head hyper-parameters; unset ones take adaptflow.heads.HeadConfig's defaults."""
+    """What a config file's ``head:`` section sets: each rule (type, bound, message) is stated once, here.
 
-    kind: Literal["linear", "mlp"] = "linear"
-    epochs: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, ge=1)
-    weight_decay: float | None = Field(None, ge=0)
-    hidden_dim: int | None = Field(None, ge=1)
-    dropout: float | None = Field(None, ge=0, lt=1)
-    class_weights: bool | None = None
-    val_fraction: float | None = Field(None, ge=0, lt=0.5)
-    patience: int | None = Field(None, ge=1)
+    The linear head is fit the way scikit-learn's LogisticRegression is: full-batch L-BFGS on every training
+    row, cross-entropy summed over rows plus ``||W||^2 / (2C)`` (bias not penalised; for two classes the
+    penalty is doubled so that C means exactly sklearn's C, default 1 as there). Against the summed loss the
+    penalty weighs less as rows are added, as the reference's does. Such a head ranks as well as the reference
+    but is under-confident on small or many-class sets (ECE 0.3 on 300 bbc_news rows), so with ``calibrate`` its
+    logits are divided by a temperature fit to out-of-fold logits of a stratified k-fold cross-validation on the
+    training rows: probabilities change, predictions do not. ``solver: adamw`` (the only one for ``mlp``)
+    trains with mini-batches instead: a stratified hold-out picks the epoch count by early stopping, then the
+    head is refit on all rows for that many epochs.
+    """
+
+    kind: Literal["linear", "mlp"] = "linear"  # mlp: Linear-GELU-Dropout-Linear
+    solver: Literal["lbfgs", "adamw"] | None = Field(None, description="unset: lbfgs for linear, adamw for mlp")
+    C: float = Field(1.0, gt=0, allow_inf_nan=False, description="lbfgs: inverse L2 strength, as sklearn's C")
+    calibrate: StrictBool = Field(True, description="lbfgs: divide the logits by a cross-validated temperature")
+    cv_folds: int = Field(5, ge=2, le=20, description="lbfgs with calibrate: folds of the cross-validation")
+    max_iter: int = Field(1000, ge=1, description="lbfgs: iteration bound")
+    epochs: int = Field(100, ge=1, description="adamw: upper bound, and the cosine schedule's length")
+    lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                             description="adamw; unset: 1e-2 linear, 1e-3 mlp")
+    batch_size: int = Field(64, ge=1, description="adamw")
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="adamw: decoupled, weights only")
+    hidden_dim: int = Field(256, ge=1, description="mlp")
+    dropout: float = Field(0.1, ge=0, lt=1, description="mlp")
+    class_weights: StrictBool = Field(False, description="inverse-frequency loss weights (minority recall up)")
+    val_fraction: float = Field(0.1, ge=0, lt=0.5,
+                                description="adamw: stratified hold-out for early stopping (0: all epochs, no refit)")
+    patience: int = Field(10, ge=1, description="adamw: epochs without a better validation loss before stopping")
+    normalize: StrictBool = Field(True, description="L2-normalise inputs (the reference recipe)")
+
+    @model_validator(mode="after")
+    def _solver_fits_kind(self):
+        if self.kind == "mlp" and self.solver == "lbfgs":
+            raise ValueError("solver 'lbfgs' is for kind 'linear'; an mlp trains with 'adamw'")
+        return self
 
     def head_kwargs(self) -> dict[str, Any]:
-        """The keys set here, for adaptflow.heads.HeadConfig."""
-        return self.model_dump(exclude_none=True)
+        """The keys set in the file or by ``--set``, for adaptflow.heads.HeadConfig."""
+        return self.model_dump(exclude_unset=True)
 
 
 class MlflowSection(_Section):
@@ -88,6 +119,18 @@ class OrchestrationSection(_Section):
     gpu_timeout_s: float = Field(
         6 * 3600, gt=0, description="seconds the parent waits for the gpu subflow (queueing, waiting for a slot "
         "of the `gpu` limit, embed, fit head) before cancelling it and failing with its id")
+    shard_deployment: str | None = Field(
+        None, description="Prefect deployment (FLOW/NAME, e.g. embed-shard/gpu) that encodes one part of the rows; "
+        "unset: ADAPTFLOW_SHARD_DEPLOYMENT, else no fan-out (the embed stage encodes every row itself)")
+    shard_rows: int | None = Field(
+        200_000, ge=0, description="above this many rows to encode, embed splits them into parts of at most this "
+        "many and runs each as a flow run of shard_deployment on the gpu pool (as many at once as the `gpu` limit "
+        "allows); 0 or null: never split")
+    part_retries: int = Field(
+        2, ge=0, description="times a failed, crashed or lost part is run again (alone) before the embed step fails")
+    part_heartbeat_s: int = Field(
+        30, ge=30, description="heartbeat period of a part's flow run (PREFECT_FLOWS_HEARTBEAT_FREQUENCY); a running "
+        "part silent for 3 periods (its worker died) is marked crashed and run again")
 
 
 class RunConfig(_Section):
@@ -165,12 +208,9 @@ def build_config(raw: dict, *, source: str = "config") -> RunConfig:
     except ValidationError as exc:
         lines = [_describe(e, source) for e in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    from adaptflow.heads import HeadConfig  # validated here so a bad head setting fails at load, not mid-run
-
-    try:
-        HeadConfig(**config.head.head_kwargs(), seed=config.seed)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: head: {exc}") from None
+    if config.data.split == "time" and not config.data.time_column:
+        raise ConfigError(f"{source}: data.split is 'time' but data.time_column is not set; set data.time_column to "
+                          f"the column or Hive partition key holding each row's time (e.g. dt), or use split: hash.")
     return config
 
 

@@ -7,6 +7,7 @@ S3 sources go through ``adaptflow.store`` (imported lazily), then follow the sam
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import gzip
 import hashlib
@@ -292,6 +293,8 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
     for row, value in zip(rows.tolist(), series.tolist()):
         if isinstance(value, str) or is_missing(value):
             text = normalise_text(value)
+        elif role == "time" and isinstance(value, (datetime.date, np.datetime64)):
+            text = pd.Timestamp(value).isoformat()  # pd.Timestamp is a datetime.date too
         else:
             text = None if role == "text" else _scalar_to_str(value)
             fractional = role == "label" and isinstance(value, (float, np.floating)) and not float(value).is_integer()
@@ -309,18 +312,22 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
 
 
 def prepare_frame(
-    df: pd.DataFrame, *, text_column: str, label_column: str, group_column: str | None = None, source: str
+    df: pd.DataFrame, *, text_column: str, label_column: str, group_column: str | None = None, source: str,
+    time_column: str | None = None,
 ) -> pd.DataFrame:
-    """Select and normalise the text/label/group columns.
+    """Select and normalise the text/label/group (and time) columns.
 
     Returns:
         DataFrame with ``text`` (NFC, stripped; None when missing), ``label`` (str or None), ``group`` (str or
-        None) and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1).
+        None) and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1);
+        with ``time_column``, also ``time`` (str: numbers as ``label`` values are, dates/timestamps ISO 8601).
     """
     columns = [str(c) for c in df.columns]
     wanted = {"text_column": text_column, "label_column": label_column}
     if group_column is not None:
         wanted["group_column"] = group_column
+    if time_column is not None:
+        wanted["time_column"] = time_column
     for arg, col in wanted.items():
         if col not in df.columns:
             raise DataError(
@@ -340,103 +347,24 @@ def prepare_frame(
         values = _normalise(df[name], role=role, column=name, source=source, rows=rows)
         return pd.Series(values, dtype=object)  # object keeps None (pandas' str dtype would turn it into NaN)
 
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {"text": column("text", text_column), "label": column("label", label_column),
          "group": column("group", group_column), "row": rows}
     )
+    if time_column is not None:
+        frame["time"] = column("time", time_column)
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------- splitting
 
 
-def split_frame(
-    df: pd.DataFrame, *, test_size: float, seed: int, stratify: bool = True, source: str | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Deterministic train/test split, stratified by label; group-disjoint when ``group`` is set.
+def split_frame(df: pd.DataFrame, *, test_size: float, seed: int, method: str = "hash",
+                source: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(train, test)``: see :func:`adaptflow.split.split_frame` (hash split by group/text, or by time)."""
+    from adaptflow.split import split_frame as split  # the split lives beside the readers, in its own room
 
-    Rows without a group count as groups of their own. Both parts keep the input's row order.
-    Returns:
-        ``(train, test)`` with a fresh index (``row`` keeps the provenance).
-    """
-    if not 0.0 < float(test_size) < 1.0:
-        raise ValueError(f"test_size must be a fraction between 0 and 1 (exclusive), got {test_size!r}.")
-    where = f"{source}: " if source else ""
-    n = len(df)
-    if n < 2:
-        raise DataError(f"{where}{n} row(s) left; a train/test split needs at least 2. Add data rows.")
-    rng = np.random.default_rng(seed)
-    if stratify:  # missing labels form a stratum of their own; validation quarantines them later
-        strata = np.array(["\0missing" if is_missing(v) else str(v) for v in df["label"].tolist()])
-    else:
-        strata = np.zeros(n, dtype=int)
-    classes, y = np.unique(strata, return_inverse=True)
-    has_groups = "group" in df.columns and df["group"].notna().any()
-    if has_groups:
-        is_test = _split_groups(df["group"], y, len(classes), test_size, rng, where)
-    else:
-        is_test = _split_rows(y, len(classes), test_size, rng)
-    train, test = df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
-    return train, test
-
-
-def _split_rows(y: np.ndarray, k: int, test_size: float, rng: np.random.Generator) -> np.ndarray:
-    """Per-class quotas by largest remainder, so class shares match to within one row."""
-    counts = np.bincount(y, minlength=k)
-    exact = counts * test_size
-    quota = np.minimum(np.floor(exact).astype(int), np.maximum(counts - 1, 0))  # keep every class in train
-    target = min(max(int(round(len(y) * test_size)), 1), len(y) - 1)
-    for c in np.argsort(-(exact - np.floor(exact)), kind="stable"):
-        if quota.sum() >= target:
-            break
-        if quota[c] < counts[c] - 1:
-            quota[c] += 1
-    is_test = np.zeros(len(y), dtype=bool)
-    for c in range(k):
-        members = np.flatnonzero(y == c)
-        is_test[rng.permutation(members)[: quota[c]]] = True
-    if not is_test.any():  # only singleton classes: take one row anyway so the test set is not empty
-        is_test[rng.integers(len(y))] = True
-    return is_test
-
-
-def _split_groups(
-    groups: pd.Series, y: np.ndarray, k: int, test_size: float, rng: np.random.Generator, where: str
-) -> np.ndarray:
-    """Greedy group assignment: largest groups first, each to the side whose per-class deficit it fills best."""
-    codes, _ = pd.factorize(groups, use_na_sentinel=True)
-    lone = codes < 0
-    codes[lone] = codes.max() + 1 + np.arange(lone.sum())  # ungrouped rows become singleton groups
-    n_groups = int(codes.max()) + 1
-    if n_groups < 2:
-        raise DataError(
-            f"{where}all rows share one group ({groups.dropna().iloc[0]!r}); a group-disjoint split needs at "
-            f"least 2 groups. Use another group_column or none."
-        )
-    per_group = np.zeros((n_groups, k), dtype=np.int64)
-    np.add.at(per_group, (codes, y), 1)
-    totals = per_group.sum(axis=0)
-    target = {True: totals * test_size, False: totals * (1.0 - test_size)}
-    # error = sum over side and class of (have - target)^2 / target (chi-square): a row pulls as hard toward
-    # the side with the larger *relative* deficit, so both sides fill at the same pace (big groups are not all
-    # packed into train first) and small classes weigh as much as big ones
-    weight = {s: 1.0 / np.maximum(target[s], 1e-9) for s in (True, False)}
-    have = {True: np.zeros(k), False: np.zeros(k)}
-    order = rng.permutation(n_groups)  # the seed decides among equal-sized groups
-    order = order[np.argsort(-per_group[order].sum(axis=1), kind="stable")]
-    side = np.zeros(n_groups, dtype=bool)
-    for g in order:
-        vec = per_group[g]
-        # how much adding vec to each side changes that side's error; take the cheaper side
-        cost = {s: float((weight[s] * vec * (2 * (have[s] - target[s]) + vec)).sum()) for s in (True, False)}
-        chosen = cost[True] < cost[False]
-        side[g] = chosen
-        have[chosen] += vec
-    # a few big groups can leave one side empty: move the smallest group of the other side over
-    for to_test in (True, False):
-        if not (side == to_test).any():
-            candidates = np.flatnonzero(side != to_test)
-            side[candidates[np.argmin(per_group[candidates].sum(axis=1))]] = to_test
-    return side[codes]
+    return split(df, test_size=test_size, seed=seed, method=method, source=source)
 
 
 # ----------------------------------------------------------------------------------------------- snapshots

@@ -426,20 +426,18 @@ def resolve_expected(
 # ---- publishing ---------------------------------------------------------------------------------------
 
 
-def snapshot_encoder(
-    ref: str | os.PathLike, store: ArtifactStore, *, cache_dir: str | os.PathLike | None = None
-) -> ResolvedEncoder:
-    """Resolve ``ref`` once and pin it: a folder, package or hub encoder is pushed to the store content-addressed
-    (as ``adaptflow encoder push`` does) and the S3 snapshot is resolved back, downloaded and verified.
+def pin_encoder(resolved: ResolvedEncoder, store: ArtifactStore) -> str:
+    """The ``s3://`` snapshot of a resolved encoder: a folder, package or hub encoder is pushed to the store
+    content-addressed (as ``adaptflow encoder push`` does; a no-op when it is there already), an ``s3://`` one
+    already is a snapshot.
 
-    The returned encoder's ``ref`` is that ``s3://`` snapshot: every later stage (a GPU worker on another machine,
-    the gate, serving) loads exactly these files by ref + digest. An ``s3://`` ref is already a snapshot.
+    Every later stage (a GPU worker on another machine, the gate, serving) loads exactly that snapshot by ref +
+    digest (:func:`resolve_expected`); a file that changed between hashing and upload makes the snapshot fail its
+    digest at the first download rather than serve other weights.
     """
-    resolved = resolve_encoder(ref, store=store, cache_dir=cache_dir)
     if resolved.source == "s3":
-        return resolved
-    s3_ref = _publish(resolved, snapshot_name(resolved), store)
-    return resolve_expected(s3_ref, resolved.digest, store=store, cache_dir=cache_dir)
+        return resolved.ref
+    return _publish(resolved, snapshot_name(resolved), store)
 
 
 def snapshot_name(resolved: ResolvedEncoder) -> str:

@@ -69,6 +69,8 @@ class GateDecision:
     class_recall_deltas: dict[str, float] = field(default_factory=dict)
     p_value_worse: float | None = None  # McNemar, one-sided the other way: "the challenger is right less often"
     evidence: dict[str, str] = field(default_factory=dict)  # per test run: "better", "worse" or "inconclusive"
+    rows_compared: int | None = None  # test rows both models were scored on
+    rows_excluded: int | None = None  # test rows left out because the champion trained on them (None: unknown)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,10 @@
 """Classifier heads on frozen embeddings: a (normalised) linear or small MLP layer, trained on numpy arrays.
 
-The encoder is frozen and its vectors are cached, so training a head is a small convex-ish problem that fits
-in memory: no DataLoader, no workers, just index a tensor per mini-batch. Weights go to safetensors with a JSON
+The encoder is frozen and its vectors are cached, so training a head is a small problem that fits in memory:
+no DataLoader, no workers. The default linear head is scikit-learn LogisticRegression's convex problem solved
+full-batch by L-BFGS, then given a cross-validated logit temperature; the MLP (or ``solver: adamw``) indexes a
+tensor per mini-batch, early-stops on a hold-out and refits on every row (see adaptflow.config.HeadSection).
+Weights go to safetensors with a JSON
 metadata header (never pickle), so a head file can be inspected and loaded without executing anything.
 """
 
@@ -10,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,63 +25,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from adaptflow.config import HeadSection
+from adaptflow.devices import resolve_device
 from adaptflow.rowfile import RowFile
 
 HEAD_FORMAT = "adaptflow-head/1"
 DEFAULT_LR = {"linear": 1e-2, "mlp": 1e-3}
 STREAM_BLOCK_ROWS = 32768  # rows per block when training from a RowFile (48 MB of 384-d vectors)
+CV_MAX_ROWS = 20000  # the temperature is cross-validated on at most this many rows (a stratified sample)
 
 
-@dataclass
-class HeadConfig:
-    """Head hyper-parameters, validated at construction.
+class HeadConfig(HeadSection):
+    """A head's full configuration: a config file's ``head:`` settings (adaptflow.config.HeadSection: every
+    field, bound and message is stated there, once) plus the run's seed (folds, init, shuffling, dropout)."""
 
-    The defaults were tuned on all-MiniLM-L6-v2 embeddings of rotten_tomatoes (movie-disjoint splits) to match
-    scikit-learn's LogisticRegression(C=1) on the same L2-normalised vectors.
-    """
-
-    kind: str = "linear"  # "linear" or "mlp" (Linear-GELU-Dropout-Linear)
-    epochs: int = 100  # an upper bound (and the cosine schedule's length): early stopping ended at 13-21 there
-    lr: float | None = None  # None: 1e-2 for linear, 1e-3 for mlp (each tuned; mlp at 1e-2 lost ~0.5pt)
-    batch_size: int = 64  # small batches = more steps per epoch: 64 beat 128/256 by ~0.2pt at lr 1e-2
-    weight_decay: float = 1e-4  # decoupled (AdamW), weights only
-    hidden_dim: int = 256  # mlp only
-    dropout: float = 0.1  # mlp only
-    class_weights: bool = False  # inverse-frequency loss weights: minority recall up, accuracy down (~1pt there)
-    val_fraction: float = 0.1  # stratified hold-out for early stopping; 0 trains all epochs on everything
-    patience: int = 10  # epochs without a better validation loss before stopping
     seed: int = 13
-    normalize: bool = True  # L2-normalise inputs (the reference recipe; scale-free across encoders)
 
-    def __post_init__(self):
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)  # config.py prefixes the file and section
+    @property
+    def resolved_solver(self) -> str:
+        return self.solver or ("lbfgs" if self.kind == "linear" else "adamw")
 
-        need(self.kind in ("linear", "mlp"), f"kind must be 'linear' or 'mlp'; got {self.kind!r}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.kind]
-        need(_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1; got {self.epochs!r}")
-        need(_is_num(self.lr) and 0 < self.lr <= 10, f"lr must be in (0, 10] (e.g. 1e-2); got {self.lr!r}")
-        need(_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be >= 1; got {self.batch_size!r}")
-        need(_is_num(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay must be >= 0; got {self.weight_decay!r}")
-        need(_is_int(self.hidden_dim) and self.hidden_dim >= 1, f"hidden_dim must be >= 1; got {self.hidden_dim!r}")
-        need(_is_num(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout!r}")
-        need(isinstance(self.class_weights, bool), f"class_weights must be true/false; got {self.class_weights!r}")
-        need(_is_num(self.val_fraction) and 0 <= self.val_fraction < 0.5,
-             f"val_fraction must be in [0, 0.5) (0 disables early stopping); got {self.val_fraction!r}")
-        need(_is_int(self.patience) and self.patience >= 1, f"patience must be an integer >= 1; got {self.patience!r}")
-        need(_is_int(self.seed), f"seed must be an integer; got {self.seed!r}")
-        need(isinstance(self.normalize, bool), f"normalize must be true/false; got {self.normalize!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.kind]
 
 
 class Head(nn.Module):
@@ -109,9 +78,13 @@ class Head(nn.Module):
 @dataclass
 class FitResult:
     head: Head
-    history: list[dict]  # one dict per epoch: epoch, train_loss, val_loss, val_accuracy, lr, seconds, rows_per_s
-    best_epoch: int  # 1-based epoch whose weights were kept
+    history: list[dict]  # adamw: one dict per epoch (epoch, train_loss, val_loss, val_accuracy, lr, seconds,
+    # rows_per_s); lbfgs: one per pass over the training rows (epoch, train_loss, objective, seconds, rows_per_s)
+    best_epoch: int  # adamw: epochs the kept head trained for (chosen by early stopping); lbfgs: passes over X
     seconds: float
+    C: float | None = None  # lbfgs: the inverse L2 strength used
+    temperature: float | None = None  # lbfgs: the logits were divided by it (1: not calibrated)
+    cv: dict[str, float] | None = None  # lbfgs with calibrate: out-of-fold log-loss at T = 1 and at T
 
 
 def stratified_holdout(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -125,8 +98,14 @@ def stratified_holdout(y: np.ndarray, fraction: float, rng: np.random.Generator)
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def stratified_folds(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """A fold number in ``[0, k)`` per row, every class dealt round-robin over the folds (sizes differ by <= 1)."""
+    folds, dealt = np.empty(len(y), dtype=np.int64), 0
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        folds[idx] = (dealt + np.arange(len(idx))) % k
+        dealt += len(idx)
+    return folds
 
 
 @contextmanager
@@ -156,13 +135,12 @@ def fit_head(
 ) -> FitResult:
     """Train a head on embeddings ``X`` [n, d] and integer labels ``y`` in ``[0, n_classes)``.
 
-    Seeded and deterministic on CPU. With ``val_fraction > 0``, a stratified slice of the rows is held out, and
-    training stops once the validation loss has not improved for ``patience`` epochs; the best epoch's weights
-    are restored. ``log`` gets one line per epoch (None silences it).
+    Seeded and deterministic on CPU; the kept head has trained on every row (see :class:`~adaptflow.config.HeadSection`
+    for the two solvers). ``log`` gets one line per step of note (None silences it).
 
-    ``X`` may be a :class:`~adaptflow.rowfile.RowFile` (rows on local disk, in random order): each epoch then
-    visits its blocks of ``block_rows`` rows in a random order and shuffles rows within a block, holding one
-    block in memory instead of all of X.
+    ``X`` may be a :class:`~adaptflow.rowfile.RowFile` (rows on local disk, in random order): L-BFGS then reads
+    it block by block (``block_rows`` rows) once per pass, and AdamW visits its blocks in a random order and
+    shuffles rows within a block; either way one block is in memory instead of all of X.
     """
     cfg = config or HeadConfig()
     streamed = isinstance(X, RowFile)
@@ -174,76 +152,242 @@ def fit_head(
         raise ValueError(f"need X [n, d] and y [n] with n > 0; got X {X.shape}, y {y.shape}")
     if n_classes < 2 or y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must be integers in [0, {n_classes}) with n_classes >= 2; got {y.min()}..{y.max()}")
-    device = device or default_device()
+    if not streamed and not all(np.isfinite(X[i : i + 65536]).all() for i in range(0, len(X), 65536)):
+        raise ValueError("X contains NaN/inf")  # checked in slices: no X-sized temporary
+    device = device or resolve_device()
     log = log or (lambda _msg: None)
+    fit = _fit_lbfgs if cfg.resolved_solver == "lbfgs" else _fit_adamw
+    # fork_rng: seed init/shuffle/dropout without touching the caller's global RNG state
+    cuda_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     t_start = time.perf_counter()
+    with torch.random.fork_rng(devices=cuda_devices), _single_thread_on_cpu(device):
+        result = fit(X, y, n_classes, cfg, device, log, block_rows)
+    result.head.eval()
+    result.seconds = time.perf_counter() - t_start
+    return result
 
+
+def _unused(cfg: HeadConfig) -> str:
+    """A note for the first log line when settings of the other solver were set (they are ignored)."""
+    lbfgs = cfg.resolved_solver == "lbfgs"
+    unused = sorted(cfg.model_fields_set & ({"epochs", "lr", "batch_size", "weight_decay", "val_fraction", "patience"}
+                                            if lbfgs else {"C", "calibrate", "cv_folds", "max_iter"}))
+    if not unused:
+        return ""
+    return (f" ({', '.join(unused)} not used by solver {cfg.resolved_solver}; solver: "
+            f"{'adamw' if lbfgs else 'lbfgs'} uses {'it' if len(unused) == 1 else 'them'})")
+
+
+def _class_weight(cfg: HeadConfig, y: np.ndarray, n_classes: int, device: str) -> torch.Tensor | None:
+    """Inverse frequency ("balanced"): every class weighs as much as the others in total."""
+    if not cfg.class_weights:
+        return None
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def _new_head(cfg: HeadConfig, in_dim: int, n_classes: int, device: str) -> Head:
+    torch.manual_seed(cfg.seed)
+    return Head(in_dim, n_classes, kind=cfg.kind, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
+                normalize=cfg.normalize).to(device)
+
+
+# ------------------------------------------------------------------------------------------ L-BFGS (linear)
+
+
+def _lbfgs(head: Head, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], n_rows: int, C: float,
+           weight: torch.Tensor | None, max_iter: int, on_pass: Callable[[float, float], None] | None = None) -> int:
+    """Minimise (sum of cross-entropy + ||W||^2 / (2C)) / n_rows over ``chunks()`` (all rows, in pieces) from the
+    head's current weights, full-batch. Returns the passes over the rows (function evaluations)."""
+    n_classes = head.n_classes
+    # sklearn's binary model is one weight vector w with ||w||^2/(2C); the equivalent softmax pair (w/2, -w/2)
+    # costs half that under the same penalty, so two classes take it doubled to keep C's meaning
+    penalty = (2.0 if n_classes == 2 else 1.0) / (2.0 * C)
+    matrices = [p for p in head.parameters() if p.dim() >= 2]  # biases unpenalised, as sklearn's intercept
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, max_eval=max_iter * 5 // 4,
+                                  tolerance_grad=1e-6, tolerance_change=1e-10, history_size=10,
+                                  line_search_fn="strong_wolfe")
+    passes = 0
+
+    def closure():
+        nonlocal passes
+        optimizer.zero_grad(set_to_none=False)
+        data = 0.0
+        for xb, yb in chunks():  # backward per chunk: only one chunk's graph is alive at a time
+            loss = F.cross_entropy(head(xb), yb, weight=weight, reduction="sum") / n_rows
+            loss.backward()
+            data += loss.item()
+        reg = penalty / n_rows * sum((p * p).sum() for p in matrices)
+        reg.backward()
+        passes += 1
+        if on_pass is not None:
+            on_pass(data, data + reg.item())
+        return data + reg.item()
+
+    head.train()
+    optimizer.step(closure)
+    return passes
+
+
+def _tensor_chunks(X: torch.Tensor, y: torch.Tensor, rows: int = 65536):
+    return lambda: ((X[s : s + rows], y[s : s + rows]) for s in range(0, len(X), rows))
+
+
+def _temperature(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, cfg: HeadConfig, weight,
+                 device: str, log) -> tuple[float, float, float]:
+    """The logit temperature T minimising the out-of-fold log-loss (stratified k-fold, each fold fit like the
+    final head); returns (T, log-loss at T = 1, log-loss at T)."""
+    folds = torch.from_numpy(stratified_folds(y.cpu().numpy(), cfg.cv_folds, np.random.default_rng(cfg.seed)))
+    folds = folds.to(device)
+    logits = torch.zeros(len(y), n_classes, device=device)
+    for f in range(cfg.cv_folds):
+        tr, va = folds != f, folds == f  # train on the other folds, score this one
+        head = _zero_linear(cfg, X.shape[1], n_classes, device)
+        _lbfgs(head, _tensor_chunks(X[tr], y[tr]), int(tr.sum()), C, weight, cfg.max_iter)
+        with torch.no_grad():
+            logits[va] = head(X[va])
+    log_t = torch.zeros((), device=device, requires_grad=True)  # T = exp(log_t) > 0
+    optimizer = torch.optim.LBFGS([log_t], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y, weight=weight)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        before = F.cross_entropy(logits, y, weight=weight).item()
+        after = F.cross_entropy(logits / log_t.exp(), y, weight=weight).item()
+    T = float(log_t.detach().exp()) if after < before else 1.0
+    log(f"logit temperature {T:.3f} by {cfg.cv_folds}-fold cross-validation on {len(y)} rows "
+        f"(held-out log-loss {before:.4f} at T = 1, {min(before, after):.4f} at T = {T:.3f})")
+    return T, before, min(before, after)
+
+
+def _zero_linear(cfg: HeadConfig, in_dim: int, n_classes: int, device: str) -> Head:
+    head = _new_head(cfg, in_dim, n_classes, device)
+    nn.init.zeros_(head.net.weight)  # the problem is convex: start where sklearn does
+    nn.init.zeros_(head.net.bias)
+    return head
+
+
+def _fit_lbfgs(X, y, n_classes, cfg: HeadConfig, device, log, block_rows) -> FitResult:
+    streamed = isinstance(X, RowFile)
+    rng = np.random.default_rng(cfg.seed)
+    # the temperature is cross-validated on at most CV_MAX_ROWS rows (a stratified sample; X itself when
+    # that is all of it)
+    sample = np.arange(len(y))
+    if len(y) > CV_MAX_ROWS:
+        _, sample = stratified_holdout(y, CV_MAX_ROWS / len(y), rng)
+    if streamed:  # one pass over the file: check every row, copy out the sample
+        Xs = _gather_checked(X, sample, block_rows).to(device)
+    else:
+        Xs = torch.from_numpy(X).to(device)
+        Xs = Xs if len(sample) == len(y) else Xs[torch.from_numpy(sample).to(device)]
+    ys = torch.from_numpy(y[sample]).to(device)
+    weight = _class_weight(cfg, y, n_classes, device)
+    log(f"training linear head by L-BFGS: {len(y)} rows, {X.shape[1]} dims, {n_classes} classes, on {device}"
+        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}{_unused(cfg)}")
+    C, T, cv = cfg.C, 1.0, None
+    if cfg.calibrate and len(ys) >= 2 * cfg.cv_folds:
+        T, before, after = _temperature(Xs, ys, n_classes, C, cfg, weight, device, log)
+        cv = {"log_loss_t1": round(before, 5), "log_loss": round(after, 5)}
+    elif cfg.calibrate:
+        log(f"no temperature: too few rows ({len(ys)}) for {cfg.cv_folds}-fold cross-validation")
+
+    head = _zero_linear(cfg, X.shape[1], n_classes, device)
+    history: list[dict] = []
+    t_pass = [time.perf_counter()]
+
+    def on_pass(data: float, objective: float):
+        now = time.perf_counter()
+        dt, t_pass[0] = now - t_pass[0], now
+        history.append({"epoch": len(history) + 1, "train_loss": data, "objective": objective, "seconds": dt,
+                        "rows_per_s": len(y) / max(dt, 1e-9)})
+
+    if len(sample) < len(y):  # warm start from the sample's solution, then all rows
+        _lbfgs(head, _tensor_chunks(Xs, ys), len(ys), C, weight, cfg.max_iter)
+    del Xs
+    if streamed:
+        yt = torch.from_numpy(y).to(device)
+
+        def chunks():
+            for start, block in X.blocks(block_rows):
+                yield torch.from_numpy(block).to(device), yt[start : start + len(block)]
+    else:
+        chunks = _tensor_chunks(torch.from_numpy(X).to(device), torch.from_numpy(y).to(device))
+    passes = _lbfgs(head, chunks, len(y), C, weight, cfg.max_iter, on_pass)
+    with torch.no_grad():  # logits / T is the same linear map with W / T and b / T: the file format is unchanged
+        head.net.weight /= T
+        head.net.bias /= T
+    log(f"L-BFGS: {passes} passes over the {len(y)} rows, C = {C:g}, train loss {history[-1]['train_loss']:.4f}, "
+        f"logits divided by T = {T:.3f}")
+    return FitResult(head=head, history=history, best_epoch=passes, seconds=0.0, C=C, temperature=T, cv=cv)
+
+
+# -------------------------------------------------------------------------------------- AdamW (mini-batch)
+
+
+def _fit_adamw(X, y, n_classes, cfg: HeadConfig, device, log, block_rows) -> FitResult:
+    """Early stopping on a stratified hold-out picks the epoch count; then the head is refit on every row."""
+    streamed = isinstance(X, RowFile)
     rng = np.random.default_rng(cfg.seed)
     train_idx, val_idx = stratified_holdout(y, cfg.val_fraction, rng)
     yt = torch.from_numpy(y).to(device)
-    tr, va = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
     if streamed:  # one pass over the file: check every row, copy out the (small) held-out slice
         Xt, Xva = None, _gather_checked(X, val_idx, block_rows).to(device)
-        in_train = np.zeros(len(y), dtype=bool)
-        in_train[train_idx] = True
     else:
-        if not all(np.isfinite(X[i : i + 65536]).all() for i in range(0, len(X), 65536)):  # no X-sized temporary
-            raise ValueError("X contains NaN/inf")
         Xt = torch.from_numpy(X).to(device)  # everything fits in memory: index it per batch, no DataLoader
-        # the training rows are gathered per batch (Xt[tr[batch]]), never copied out as a whole: X is the
+        # the training rows are gathered per batch (Xt[rows[batch]]), never copied out as a whole: X is the
         # largest array of a run, and one copy of it is enough; the held-out slice is small, so it is copied once
-        Xva = Xt[va]
-    ytr, yva = yt[tr], yt[va]
-    log(f"training {cfg.kind} head: {len(train_idx)} rows ({len(val_idx)} held out), {X.shape[1]} dims, "
-        f"{n_classes} classes, on {device}{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}")
+        Xva = Xt[torch.from_numpy(val_idx).to(device)]
+    yva = yt[torch.from_numpy(val_idx).to(device)]
+    lr0 = cfg.resolved_lr
+    log(f"training {cfg.kind} head by AdamW: {len(train_idx)} rows ({len(val_idx)} held out to choose the epoch "
+        f"count, then refit on all {len(y)}), {X.shape[1]} dims, {n_classes} classes, on {device}"
+        f"{f', streamed from {X.path} in blocks of {block_rows}' if streamed else ''}{_unused(cfg)}")
 
-    weight = None
-    if cfg.class_weights:  # inverse frequency ("balanced"): every class weighs as much as the others in total
-        counts = np.bincount(y[train_idx], minlength=n_classes).astype(np.float64)
-        w = np.where(counts > 0, len(train_idx) / (n_classes * np.maximum(counts, 1)), 0.0)
-        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    def run(rows: np.ndarray, max_epochs: int, validate: bool) -> tuple[Head, list[dict], int]:
+        weight = _class_weight(cfg, y[rows], n_classes, device)
+        tr = torch.from_numpy(rows).to(device)
+        in_train = np.zeros(len(y), dtype=bool)
+        in_train[rows] = True
 
-    def epoch_batches(gen: torch.Generator):
-        """This epoch's mini-batches ``(x, y)``: in memory, one permutation of all training rows; streamed,
-        blocks in a random order, rows shuffled within each block."""
-        if not streamed:
-            perm = torch.randperm(len(train_idx), generator=gen).to(device)
-            for start in range(0, len(perm), cfg.batch_size):
-                batch = perm[start : start + cfg.batch_size]
-                yield Xt[tr[batch]], ytr[batch]
-            return
-        n_blocks = math.ceil(len(y) / block_rows)
-        for b in torch.randperm(n_blocks, generator=gen).tolist():
-            start = b * block_rows
-            keep = in_train[start : start + block_rows]
-            xb = torch.from_numpy(X.read(start, start + block_rows)[keep]).to(device)
-            yb = yt[start : start + block_rows][torch.from_numpy(keep).to(device)]
-            perm = torch.randperm(len(xb), generator=gen).to(device)
-            for s in range(0, len(perm), cfg.batch_size):
-                batch = perm[s : s + cfg.batch_size]
-                yield xb[batch], yb[batch]
+        def epoch_batches(gen: torch.Generator):
+            """This epoch's mini-batches ``(x, y)``: in memory, one permutation of the rows; streamed,
+            blocks in a random order, rows shuffled within each block."""
+            if not streamed:
+                perm = torch.randperm(len(rows), generator=gen).to(device)
+                for start in range(0, len(perm), cfg.batch_size):
+                    batch = tr[perm[start : start + cfg.batch_size]]
+                    yield Xt[batch], yt[batch]
+                return
+            n_blocks = math.ceil(len(y) / block_rows)
+            for b in torch.randperm(n_blocks, generator=gen).tolist():
+                start = b * block_rows
+                keep = in_train[start : start + block_rows]
+                xb = torch.from_numpy(X.read(start, start + block_rows)[keep]).to(device)
+                yb = yt[start : start + block_rows][torch.from_numpy(keep).to(device)]
+                perm = torch.randperm(len(xb), generator=gen).to(device)
+                for s in range(0, len(perm), cfg.batch_size):
+                    batch = perm[s : s + cfg.batch_size]
+                    yield xb[batch], yb[batch]
 
-    # fork_rng: seed init/shuffle/dropout without touching the caller's global RNG state
-    cuda_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), _single_thread_on_cpu(device):
-        torch.manual_seed(cfg.seed)
-        head = Head(X.shape[1], n_classes, kind=cfg.kind, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
-                    normalize=cfg.normalize).to(device)
+        head = _new_head(cfg, X.shape[1], n_classes, device)
         # weight decay on matrices only (as nanoGPT): decaying biases just shifts the class priors
         decay = [p for p in head.parameters() if p.dim() >= 2]
         no_decay = [p for p in head.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-        )
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr0)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-
         history: list[dict] = []
         best = (math.inf, 0, None)  # (val loss, epoch, state)
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
             # cosine decay to 10% over the epoch budget: big steps early, fine convergence near the end
-            lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs)))
+            lr = lr0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             head.train()
@@ -254,37 +398,42 @@ def fit_head(
                 loss.backward()
                 optimizer.step()
                 total += loss.detach() * len(yb)
-            train_loss = total.item() / len(train_idx)
-
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-            if len(val_idx):
+            record = {"epoch": epoch, "train_loss": total.item() / len(rows), "lr": lr}
+            if validate:
                 head.eval()
                 with torch.no_grad():
                     logits = head(Xva)
                     record["val_loss"] = F.cross_entropy(logits, yva, weight=weight).item()
                     record["val_accuracy"] = (logits.argmax(1) == yva).float().mean().item()
             dt = time.perf_counter() - t0
-            record.update(seconds=dt, rows_per_s=len(train_idx) / max(dt, 1e-9))
+            record.update(seconds=dt, rows_per_s=len(rows) / max(dt, 1e-9))
             history.append(record)
-            val = f", val loss {record['val_loss']:.4f}, val acc {record['val_accuracy']:.4f}" if len(val_idx) else ""
-            log(f"epoch {epoch}: train loss {train_loss:.4f}{val}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
-                f"{record['rows_per_s']:.0f} rows/s")
-
-            if not len(val_idx):
+            val = f", val loss {record['val_loss']:.4f}, val acc {record['val_accuracy']:.4f}" if validate else ""
+            log(f"epoch {epoch}: train loss {record['train_loss']:.4f}{val}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
+                f"{record['rows_per_s']:.0f} rows/s{'' if validate or len(val_idx) == 0 else ' (refit)'}")
+            if not validate:
                 continue
             if record["val_loss"] < best[0] - 1e-5:
                 best = (record["val_loss"], epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
             elif epoch - best[1] >= cfg.patience:
-                log(f"early stop at epoch {epoch}: no better validation loss for {cfg.patience} epochs, "
-                    f"restoring epoch {best[1]}")
+                log(f"early stop at epoch {epoch}: no better validation loss for {cfg.patience} epochs; "
+                    f"best at epoch {best[1]}")
                 break
+        if best[2] is not None:
+            head.load_state_dict(best[2])
+            return head, history, best[1]
+        return head, history, len(history)
 
-    best_epoch = len(history)
-    if best[2] is not None:
-        head.load_state_dict(best[2])
-        best_epoch = best[1]
-    head.eval()
-    return FitResult(head=head, history=history, best_epoch=best_epoch, seconds=time.perf_counter() - t_start)
+    if not len(val_idx):
+        head, history, best_epoch = run(train_idx, cfg.epochs, validate=False)
+        return FitResult(head=head, history=history, best_epoch=best_epoch, seconds=0.0)
+    _, history, best_epoch = run(train_idx, cfg.epochs, validate=True)
+    # the held-out rows are worth training on: same schedule, same seed, every row, for the chosen epochs
+    log(f"refit on all {len(y)} rows for {best_epoch} epochs")
+    head, refit, _ = run(np.arange(len(y)), best_epoch, validate=False)
+    for record in refit:
+        record["refit"] = True
+    return FitResult(head=head, history=history + refit, best_epoch=best_epoch, seconds=0.0)
 
 
 def _gather_checked(X: RowFile, rows: np.ndarray, block_rows: int) -> torch.Tensor:
@@ -345,7 +494,3 @@ def load_head(path: str | Path, *, device: str = "cpu") -> tuple[Head, list[str]
         raise ValueError(f"{path}: {len(labels)} labels for {head.n_classes} outputs")
     return head.to(device).eval(), labels
 
-
-def config_dict(config: HeadConfig) -> dict:
-    """The config as a plain dict (for logging as run parameters)."""
-    return asdict(config)

@@ -27,6 +27,7 @@ log = logging.getLogger("adaptflow")
 
 RESCORE_TAGS = {"adaptflow.head_uri", "adaptflow.encoder_ref", "adaptflow.encoder_digest", "adaptflow.max_length",
                 "adaptflow.pooling", "adaptflow.dtype"}
+MIN_GATE_ROWS = 30  # fewer test rows left after leaving out the champion's training rows: hold, do not guess
 SMOKE_TEXTS = ["This is great.", "This is terrible.", "An ordinary sentence about nothing in particular."]
 
 
@@ -58,6 +59,31 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
         head, labels = load_head(head_path)
     proba = predict_proba(head, cache.read(hashes))
     return [labels[i] for i in proba.argmax(axis=1)]
+
+
+def unseen_by(ctx: StageContext, champion, texts: list[str]) -> tuple[np.ndarray, int | None, str]:
+    """Which test rows the champion did not train on: ``(keep mask, rows excluded, note for the reason)``.
+
+    The champion's training rows come from its row manifest (``adaptflow.lineage``); a champion registered
+    before manifests existed is compared on every row (``excluded`` None) and the note says so.
+    """
+    from adaptflow.lineage import rows_of, text_hashes, trained_on
+
+    keep = np.ones(len(texts), dtype=bool)
+    if champion is None:
+        return keep, 0, ""
+    manifest = rows_of(ctx.store, champion)
+    if manifest is None:
+        return keep, None, (f" (champion v{champion.version} has no row manifest: compared on all {len(texts)} test "
+                            f"rows, some of which it may have trained on)")
+    seen = trained_on(manifest)
+    keep = np.fromiter((h not in seen for h in text_hashes(texts)), dtype=bool, count=len(texts))
+    excluded = int((~keep).sum())
+    if excluded:
+        log.info("gate: %d of %d test rows left out: champion v%s trained on them", excluded, len(texts),
+                 champion.version)
+    return keep, excluded, (f" (compared on {int(keep.sum())} test rows; {excluded} excluded: champion "
+                            f"v{champion.version} trained on them)" if excluded else "")
 
 
 def smoke_test(model_uri: str, env: dict[str, str], texts: list[str] = SMOKE_TEXTS, timeout: float = 300) -> list[dict]:
@@ -99,12 +125,23 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
                                    f"{sorted(RESCORE_TAGS - set(champion.tags))}); promote by hand if it should go",
                                    config.gate.metric, {})
         else:
+            keep, excluded, note = unseen_by(ctx, champion, texts)
             champion_pred = None
-            if champion is not None:
-                # a champion label the challenger does not know is simply a wrong answer on that row
-                predicted = score_version(ctx, champion, texts)
-                champion_pred = np.array([index.get(p, (y + 1) % len(labels)) for p, y in zip(predicted, y_true)])
-            verdict = decide(y_true, challenger_pred, champion_pred, labels, config.gate, seed=config.seed)
+            if excluded and keep.sum() < MIN_GATE_ROWS:
+                verdict = GateDecision("hold", f"only {int(keep.sum())} of {len(texts)} test rows are not in champion "
+                                       f"v{champion.version}'s training rows ({excluded} excluded); at least "
+                                       f"{MIN_GATE_ROWS} are needed to compare: add test rows, or decide by hand",
+                                       config.gate.metric, {})
+            else:
+                if champion is not None:
+                    # a champion label the challenger does not know is simply a wrong answer on that row
+                    predicted = score_version(ctx, champion, [t for t, k in zip(texts, keep) if k])
+                    champion_pred = np.array([index.get(p, (y + 1) % len(labels))
+                                              for p, y in zip(predicted, y_true[keep])])
+                verdict = decide(y_true[keep], challenger_pred[keep], champion_pred, labels, config.gate,
+                                 seed=config.seed)
+                verdict.reason += note
+            verdict.rows_compared, verdict.rows_excluded = int(keep.sum()), excluded
         if verdict.decision == "promote" and config.gate.smoke_test:
             smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())
         moved = None
@@ -126,7 +163,9 @@ def _record(client, name: str, version: str, run_id: str, verdict: GateDecision,
     client.set_model_version_tag(name, version, "adaptflow.gate", json.dumps(payload)[:4900])
     client.set_tag(run_id, "adaptflow.gate.decision", verdict.decision)
     numbers = {f"gate_{k}": v for k, v in (("delta", verdict.delta), ("ci_low", verdict.ci_low),
-                                           ("ci_high", verdict.ci_high), ("p_value", verdict.p_value)) if v is not None}
+                                           ("ci_high", verdict.ci_high), ("p_value", verdict.p_value),
+                                           ("rows_compared", verdict.rows_compared),
+                                           ("rows_excluded", verdict.rows_excluded)) if v is not None}
     for key, value in numbers.items():
         client.log_metric(run_id, key, value)
     client.log_dict(run_id, payload, "gate/decision.json")
@@ -143,6 +182,11 @@ def gate_markdown(result: dict) -> str:
     if result.get("delta") is not None:
         lines += ["", f"Δ {result['metric']} = {result['delta']:+.4f}, CI [{result['ci_low']:+.4f}, "
                       f"{result['ci_high']:+.4f}] (each bound one-sided), McNemar one-sided p = {result['p_value']:.4g}"]
+    if result.get("rows_compared") is not None:
+        excluded = result.get("rows_excluded")
+        lines += ["", f"Compared on {result['rows_compared']} test rows; " + (
+            "the champion has no row manifest, so none could be excluded" if excluded is None else
+            f"{excluded} excluded (rows the champion trained on)")]
     if result.get("evidence"):
         lines += ["", "Evidence per test: " + ", ".join(f"{t} {e}" for t, e in result["evidence"].items())]
     if result.get("class_recall_deltas"):

@@ -18,11 +18,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from adaptflow.serving import HeadClassifier, ModelSpec, pip_requirements
+from adaptflow.serving import ModelSpec, pip_requirements
 
 FLOW_RUN_TAG = "adaptflow.flow_run_id"
 CHAMPION, CHALLENGER = "champion", "challenger"
 LIBRARY_DIR = Path(__file__).resolve().parent
+MODEL_CODE = LIBRARY_DIR / "pyfunc_model.py"  # logged as code: nothing in a registered model is a pickle
 
 
 @dataclass
@@ -142,7 +143,8 @@ def log_and_register(
 
 
 def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
-    """Log the pyfunc (head + spec as artifacts, the library as code) with an explicit signature."""
+    """Log the pyfunc as code (``MODEL_CODE``; head + spec as artifacts, the library as ``code_paths``) with an
+    explicit signature: MLflow stores files, not a cloudpickled object."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "model_spec.json"
         spec_path.write_text(spec.to_json())
@@ -152,7 +154,7 @@ def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
             output[f"proba_{label}"] = 1.0 / len(spec.labels)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=HeadClassifier(),
+            python_model=str(MODEL_CODE),
             artifacts={"head": str(head_path), "model_spec": str(spec_path)},
             code_paths=[str(LIBRARY_DIR)],
             pip_requirements=pip_requirements(),

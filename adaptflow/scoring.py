@@ -448,11 +448,17 @@ def score_location(ctx: StageContext, request: ScoreRequest, model: ScoringModel
     """
     import pyarrow.parquet as pq
 
-    from adaptflow.sources import list_partitions
+    from adaptflow.sources import list_partitions, location_kind
 
     started = time.perf_counter()
+    if location_kind(request.input) in ("hf_disk", "hf_hub"):
+        raise DataError(f"{request.input}: a Hugging Face dataset; scoring reads a file, a folder or prefix of "
+                        f"partitions, or a glob")
     model = model or resolve_model(ctx.settings.mlflow_tracking_uri, request.model_uri)
-    partitions = list_partitions(request.input, store=ctx.store, settings=ctx.settings)
+    partitions = list_partitions(request.input, store=ctx.store)
+    if not partitions:
+        raise DataError(f"{request.input}: no data file ({', '.join(SUPPORTED_SUFFIXES)}) there. Check the path; "
+                        f"names starting with '_' or '.' are skipped.")
     output = _Output(request.output, ctx)
     device = request.device
     if device == "auto":

@@ -56,9 +56,8 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from adaptflow.embed import resolve_dtype
-        from adaptflow.encoders import EncoderError, load_encoder, resolve_encoder
+        from adaptflow.encoders import load_encoder, resolve_expected
         from adaptflow.heads import load_head
-
         from adaptflow.store import sha256_file
 
         self.spec = ModelSpec.from_json(Path(context.artifacts["model_spec"]).read_text())
@@ -73,12 +72,8 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
 
             settings = load_settings()
             store = ArtifactStore.from_settings(settings, bucket=parse_s3_uri(self.spec.encoder_ref)[0])
-        resolved = resolve_encoder(self.spec.encoder_ref, store=store)
-        if resolved.digest != self.spec.encoder_digest:
-            raise EncoderError(
-                f"encoder {self.spec.encoder_ref} resolved to digest {resolved.digest}, but this model was "
-                f"trained on {self.spec.encoder_digest}; serve it with the same encoder snapshot"
-            )
+        # the snapshot the head was trained on, or a clear error naming both digests
+        resolved = resolve_expected(self.spec.encoder_ref, self.spec.encoder_digest, store=store)
         self.tokenizer, self.encoder = load_encoder(resolved)
         # bf16 only where the hardware has it natively; fp32 otherwise (same predictions to ~1e-4).
         self.dtype = resolve_dtype("auto", "cpu") if self.spec.dtype == "bf16" else self.spec.dtype

@@ -79,17 +79,20 @@ def describe(location: str | os.PathLike | list[str] | None) -> str | None:
 
 
 def read_source(location: str | os.PathLike | list[str], *, text_column: str, label_column: str, group_column: str | None = None,
-                store=None, settings=None, split: str = "train") -> SourceRows:
+                store=None, settings=None, split: str = "train", time_column: str | None = None) -> SourceRows:
     """Read ``location`` (see the module docstring) into ``text,label,group,row`` plus its partition listing.
 
     Args:
         store: an ``ArtifactStore`` (S3 listing, one-file S3 reads; its client's credentials).
         settings: ``adaptflow.settings.Settings`` for the pyarrow S3 filesystem (endpoint, credentials).
         split: the split of a Hugging Face DatasetDict when the location names none.
+        time_column: also keep this column (a file column or a Hive key) as ``time``, for ``split: time``.
     Raises:
         DataError: bad input (missing files, unreadable partitions, disagreeing columns, missing columns, no rows).
     """
     columns = dict(text_column=text_column, label_column=label_column, group_column=group_column)
+    if time_column is not None:
+        columns["time_column"] = time_column
     reader = _Reader(columns, store=store, settings=settings, split=split)
     items = [location] if isinstance(location, (str, os.PathLike)) else list(location)
     for item in items:
@@ -101,42 +104,40 @@ def read_source(location: str | os.PathLike | list[str], *, text_column: str, la
     return SourceRows(frame.reset_index(drop=True), reader.partitions)
 
 
-def list_partitions(location: str | os.PathLike, *, store=None, settings=None) -> list[dict]:
-    """The data files of a file, folder/prefix or glob location, without reading them: one dict per partition
-    with ``path``, ``relative`` (below the location's base; a single file's name), ``size``, ``etag`` and ``keys``
-    (its Hive keys). For readers that need every column (batch scoring) rather than the normalised frame.
+def list_partitions(location: str | os.PathLike | list[str], *, store=None) -> list[dict]:
+    """The partitions ``location`` names (``path``, ``size``, ``etag``, ``keys``, ``relative``), listed without
+    reading a row (``relative``: the path below the folder, prefix or glob base; a single file's name).
 
-    Raises:
-        DataError: a missing location, no data file under it, an unsupported file, a Hugging Face dataset.
+    What a watcher compares between ticks (``adaptflow.changes``): S3 objects by their listing's ETag, local files
+    by the ``sha256:`` of their bytes, as :func:`read_source` records them. A Hugging Face dataset counts as one
+    partition (its Arrow files' digest); a hub id cannot be listed and is skipped.
     """
-    location = os.fspath(location)
-    kind = location_kind(location)
-    reader = _Reader({}, store=store, settings=settings, split="train")
-    if kind in ("hf_disk", "hf_hub"):
-        raise DataError(f"{location}: a Hugging Face dataset; batch scoring reads files, folders, prefixes and globs.")
-    if kind == "file":
-        name = location.rstrip("/").rsplit("/", 1)[-1]
-        _check_suffix(location, location)
-        if location.startswith("s3://"):
-            part = reader._s3_object(location)
-            if not part.etag:
-                raise DataError(f"{location}: no such object.")
+    reader = _Reader({}, store=store, settings=None, split="train")
+    found: list[dict] = []
+    items = [location] if isinstance(location, (str, os.PathLike)) else list(location)
+    for item in map(os.fspath, items):
+        kind = location_kind(item)
+        if kind == "hf_hub":
+            continue
+        if kind == "hf_disk":
+            target, _ = _split_suffix(item)
+            files = sorted(p for p in Path(target).rglob("*.arrow") if p.is_file())
+            digest = hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+            parts = [_Partition(item, sum(f.stat().st_size for f in files), f"sha256:{digest}", {})]
+        elif kind == "file":
+            if item.startswith("s3://"):
+                parts = [reader._s3_object(item)]
+            else:
+                path = Path(item).resolve()
+                if not path.is_file():
+                    raise DataError(f"{item}: no such file or folder (looked for {path}).")
+                parts = [_Partition(str(path), path.stat().st_size, _sha256(path), {})]
         else:
-            path = Path(location)
-            if not path.is_file():
-                raise DataError(f"{location}: no such file or folder (looked for {path.resolve()}).")
-            path = path.resolve()
-            part = _Partition(str(path), path.stat().st_size, _sha256(path), {})
-        parts = [part]
-        parts[0].relative = name
-    else:
-        parts = reader._list(location, kind)
-        if not parts:
-            what = "matches this glob" if kind == "glob" else "lies under this folder/prefix"
-            raise DataError(f"{location}: no data file ({', '.join(SUPPORTED_SUFFIXES)}) {what}. Check the path; "
-                            f"names starting with '_' or '.' are skipped.")
-    return [{"path": p.path, "relative": p.relative or p.path.rsplit("/", 1)[-1], "size": p.size, "etag": p.etag,
-             "keys": p.keys} for p in parts]
+            parts = reader._list(item, kind)
+        found += [{"path": p.path, "size": p.size, "etag": p.etag, **({"keys": p.keys} if p.keys else {}),
+                   "relative": p.relative or PurePosixPath(p.path).name}  # below the base: scoring's output path
+                  for p in parts if p.etag or p.size]
+    return found
 
 
 def location_kind(location: str) -> str:

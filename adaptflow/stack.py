@@ -70,6 +70,59 @@ def _weed_ports(s3_port: int, recorded: dict, taken: set[int]) -> dict[str, int]
     return ports
 
 
+DEFAULT_DATABASES = {"mlflow": "adaptflow_mlflow", "prefect": "adaptflow_prefect"}
+
+
+def database_url(server: str, name: str) -> str:
+    """``postgresql://user@host:port`` (any database part replaced) + ``/name``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(server)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise StackError(f"--postgres must be a postgresql://USER[:PASSWORD]@HOST:PORT URL; got {server!r}")
+    return urlunsplit(("postgresql", parts.netloc, f"/{name}", parts.query, ""))
+
+
+def _masked(url: str | None) -> str | None:
+    """A database URL without its password (for status and messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def ensure_database(url: str) -> bool:
+    """Create the PostgreSQL database ``url`` names when it is missing; True when it was created."""
+    import psycopg2
+    from psycopg2 import sql
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    try:
+        connection = psycopg2.connect(urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, "")),
+                                      connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        raise StackError(f"cannot reach PostgreSQL at {parts.hostname}:{parts.port or 5432}: {exc}".strip()) from None
+    try:
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cursor.fetchone():
+                return False
+            try:
+                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except psycopg2.errors.DuplicateDatabase:  # created meanwhile by someone else
+                return False
+        return True
+    finally:
+        connection.close()
+
+
 def _executable(name: str) -> str:
     """The venv's own ``name`` (next to this Python), else whatever is on PATH."""
     local = Path(sys.executable).parent / name
@@ -116,8 +169,10 @@ def _command(name: str, entry: dict, state_dir: Path, bucket: str) -> list[str]:
                 f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={port}", *ports, "-master.telemetry=false",
                 "-webdav=false", "-s3.autoCreateBucket=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
     if name == "mlflow":
-        db = (state_dir / "mlflow" / "mlflow.db").resolve()
-        return [_executable("mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+        store = f"sqlite:///{(state_dir / 'mlflow' / 'mlflow.db').resolve()}"
+        if entry.get("database"):  # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg (v3)
+            store = entry["database"].replace("postgresql://", "postgresql+psycopg2://", 1)
+        return [_executable("mlflow"), "server", "--backend-store-uri", store,
                 "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", HOST, "--port", str(port),
                 "--workers", "1"]  # fmt: skip
     return [_executable("prefect"), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
@@ -129,8 +184,12 @@ def _service_env(name: str, entry: dict, env: dict, state_dir: Path) -> dict:
     if name == "mlflow":
         # job execution would start ~10 extra processes (~2 GB); adaptflow does not use MLflow jobs
         return dict(env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    return dict(env, PREFECT_HOME=str((state_dir / "prefect").resolve()), PREFECT_API_URL=entry["api_url"],
-                PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    env = dict(env, PREFECT_HOME=str((state_dir / "prefect").resolve()), PREFECT_API_URL=entry["api_url"],
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    if entry.get("database"):  # PostgreSQL instead of the SQLite file under PREFECT_HOME
+        url = entry["database"].replace("postgresql://", "postgresql+asyncpg://", 1)
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+    return env
 
 
 def _healthy(entry: dict, name: str, timeout: float = 2.0) -> bool:
@@ -187,6 +246,8 @@ def up(
     bucket: str = "adaptflow",
     timeout: float = 60,
     log: Callable[[str], None] = logger.info,
+    postgres: str | None = None,
+    databases: dict[str, str] | None = None,
 ) -> dict:
     """Start the services that are not already running and healthy, and wait until they are.
 
@@ -197,6 +258,9 @@ def up(
         bucket: the S3 bucket to create (MLflow's artifacts go under s3://<bucket>/mlflow).
         timeout: seconds to wait for all services to become healthy.
         log: where progress and port notes go.
+        postgres: ``postgresql://USER@HOST:PORT``: MLflow and Prefect keep their state in PostgreSQL databases
+            there (created when missing) instead of SQLite files; recorded, so a later ``up`` keeps them.
+        databases: database names by service (default ``adaptflow_mlflow``, ``adaptflow_prefect``).
 
     Returns:
         ``status(state_dir)``.
@@ -215,12 +279,18 @@ def up(
             os.chmod(private, 0o700)
     with locked(state_dir):
         try:
-            return _up(state_dir, wanted, ports or {}, bucket, time.monotonic() + timeout, log)
+            backends = {}
+            if postgres:
+                names = {**DEFAULT_DATABASES, **(databases or {})}
+                backends = {name: database_url(postgres, names[name]) for name in ("mlflow", "prefect")
+                            if name in wanted}
+            return _up(state_dir, wanted, ports or {}, bucket, time.monotonic() + timeout, log, backends)
         except PortError as e:
             raise StackError(str(e)) from None
 
 
-def _up(state_dir: Path, wanted: list[str], ports: dict, bucket: str, deadline: float, log) -> dict:
+def _up(state_dir: Path, wanted: list[str], ports: dict, bucket: str, deadline: float, log,
+        backends: dict[str, str]) -> dict:
     recorded = read_stack_state(state_dir).services
     creds = create_credentials(state_dir)
     s3_url = recorded.get("s3", {}).get("url")
@@ -229,6 +299,9 @@ def _up(state_dir: Path, wanted: list[str], ports: dict, bucket: str, deadline: 
     def start(name: str) -> None:
         old = recorded.get(name, {})
         if processes.is_running(old.get("pid"), old.get("create_time")):
+            if name in backends and backends[name] != old.get("database"):
+                raise StackError(f"{name} is already running on {_masked(old.get('database')) or 'SQLite'}: "
+                                 "`adaptflow stack down` first to move it to PostgreSQL")
             _wait(name, old, None, state_dir, deadline)  # ours and (about to be) healthy: leave it alone
             log(f"{name}: already running (pid {old['pid']}) at {old['url']}")
             return
@@ -242,6 +315,11 @@ def _up(state_dir: Path, wanted: list[str], ports: dict, bucket: str, deadline: 
             entry.update(bucket=bucket, ports=_weed_ports(port, old.get("ports", {}), taken))
         if name == "prefect":
             entry["api_url"] = f"{url}/api"
+        database = backends.get(name, old.get("database"))  # a recorded PostgreSQL backend stays
+        if database:
+            if ensure_database(database):
+                log(f"{name}: created PostgreSQL database {database.rsplit('/', 1)[-1]}")
+            entry["database"] = database
         env = _service_env(name, entry, _child_env(s3_url, creds), state_dir)
         log_path = state_dir / "logs" / f"{name}.log"
         proc = processes.spawn(_command(name, entry, state_dir, bucket), env, log_path)
@@ -295,6 +373,8 @@ def status(state_dir: Path | str = DEFAULT_STATE_DIR) -> dict:
             info["ui"] = entry.get("url")
         if name == "prefect":
             info["api_url"] = entry.get("api_url")
+        if name in ("mlflow", "prefect"):
+            info["database"] = _masked(entry.get("database")) or "sqlite"
         result[name] = info
     return result
 

@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 
 from adaptflow.config import RunConfig
+from adaptflow.devices import resolve_device
 from adaptflow.settings import Settings, load_settings
 from adaptflow.store import ArtifactStore, ConflictError
 
 log = logging.getLogger("adaptflow")
 
 # Bump a stage's version when its code changes what it writes: old outputs then stop matching.
-STAGE_VERSIONS = {"ingest": 2, "validate": 2, "tokenize": 2, "train": 1, "evaluate": 2}
+STAGE_VERSIONS = {"ingest": 3, "validate": 2, "tokenize": 2, "train": 2, "evaluate": 2, "lineage": 1}
 
 
 @dataclass
@@ -79,17 +80,17 @@ def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
     """Resolve the encoder once and pin it as a content-addressed S3 snapshot: every later stage, on whichever
     machine, loads exactly that snapshot by ``ref`` + ``digest`` (and refuses other files); max_length is checked
     against the encoder's limit."""
-    from adaptflow.encoders import encoder_max_length, load_encoder, snapshot_encoder
+    from adaptflow.encoders import encoder_max_length, load_encoder, pin_encoder, resolve_encoder
 
-    resolved = snapshot_encoder(config.encoder.ref, ctx.store, cache_dir=ctx.settings.cache_dir)
-    tokenizer, model = load_encoder(resolved)
+    resolved = resolve_encoder(config.encoder.ref, store=ctx.store, cache_dir=ctx.settings.cache_dir)
+    tokenizer, model = load_encoder(resolved)  # a broken encoder fails here, before anything is written
     limit = encoder_max_length(tokenizer, model)
     if config.encoder.max_length > limit:
         raise ValueError(
             f"encoder.max_length={config.encoder.max_length} exceeds what encoder {config.encoder.ref} supports "
             f"({limit} positions); set encoder.max_length to at most {limit}"
         )
-    return {"ref": resolved.ref, "digest": resolved.digest, "source_ref": config.encoder.ref,
+    return {"ref": pin_encoder(resolved, ctx.store), "digest": resolved.digest, "source_ref": config.encoder.ref,
             "hidden_size": int(model.config.hidden_size), "max_positions": limit}
 
 
@@ -111,29 +112,35 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
     a list (``adaptflow.sources``); the manifest lists every partition read (path, size, ETag, rows), and the
     snapshot's key covers that listing as well as the rows' digest.
     """
-    from adaptflow.data import frame_digest, split_frame, to_parquet_bytes
+    from adaptflow.data import frame_digest, to_parquet_bytes
     from adaptflow.sources import describe, partition_summary, read_source
+    from adaptflow.split import split_frame, split_shares
 
     d = config.data
     columns = dict(text_column=d.text_column, label_column=d.label_column, group_column=d.group_column)
     source = dict(store=ctx.store, settings=ctx.settings)
-    read = read_source(d.train, split="train", **columns, **source)
+    by_time = d.split == "time" and not d.test
+    read = read_source(d.train, split="train", **columns, **source, time_column=d.time_column if by_time else None)
     train, partitions = read.frame, {"train": read.partitions, "test": []}
     if d.test:
         read = read_source(d.test, split="test", **columns, **source)
         test, partitions["test"] = read.frame, read.partitions
     else:
-        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, source=describe(d.train))
+        train, test = split_frame(train, test_size=d.test_size, seed=config.seed, method=d.split,
+                                  source=describe(d.train))
     del read
+    shares = split_shares(train, test)
     log.info("ingest: train %s; test %s", partition_summary(partitions["train"]),
-             partition_summary(partitions["test"]) if d.test else "split from train")
+             partition_summary(partitions["test"]) if d.test else
+             f"{d.split} split of train: test share {shares['test']:.2%} (test_size {d.test_size:.0%}), by label "
+             + ", ".join(f"{k} {v:.1%}" for k, v in shares["test_by_label"].items()))
     digest = frame_digest(pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True))
     prefix = f"snapshots/{stage_key('ingest', digest=digest, partitions=partitions)}"
     meta = _cached(ctx, prefix) or _publish_once(
         ctx, prefix,
         {"train.parquet": to_parquet_bytes(train), "test.parquet": to_parquet_bytes(test)},
         {"digest": digest, "sources": [describe(d.train), describe(d.test)], "partitions": partitions,
-         "rows": {"train": len(train), "test": len(test)}},
+         "rows": {"train": len(train), "test": len(test)}, "split": None if d.test else d.split, "shares": shares},
     )
     return {"snapshot": ctx.store.uri(prefix), **meta,
             "train": ctx.store.uri(f"{prefix}/train.parquet"), "test": ctx.store.uri(f"{prefix}/test.parquet")}
@@ -206,12 +213,16 @@ def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str):
                           pooling=config.encoder.pooling, dtype=dtype)
 
 
-def _device(config: RunConfig) -> str:
-    import torch
+def embed_device(config: RunConfig) -> str:
+    """The device the embed step uses on this machine (``encoder.device``; auto: CUDA when present)."""
+    return resolve_device(config.encoder.device)
 
-    if config.encoder.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.encoder.device
+
+def embed_cache(ctx: StageContext, config: RunConfig, encoder: dict):
+    """The embedding cache the embed stage fills on this machine (dtype resolved for its device)."""
+    from adaptflow.embed import resolve_dtype
+
+    return _cache_for(ctx, config, encoder, resolve_dtype(config.encoder.dtype, embed_device(config)))
 
 
 def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
@@ -247,7 +258,7 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     from adaptflow.embed import TokenIds, release_free_memory, resolve_dtype
     from adaptflow.store import parse_s3_uri
 
-    device = _device(config)
+    device = resolve_device(config.encoder.device)
     dtype = resolve_dtype(config.encoder.dtype, device)
     cache = _cache_for(ctx, config, encoder, dtype)
     # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
@@ -270,6 +281,7 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
     tokens_per_s = encode_into_cache(
         ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"], device=device,
         tokens_per_batch=config.encoder.tokens_per_batch)
+    cache.compact()  # record new shards in the cache index: the next run GETs one generation, not every hashes.txt
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
              n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
     if corrupt["shards_ignored"]:
@@ -322,7 +334,8 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
         with tempfile.TemporaryDirectory() as tmp:
             X, y = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
                            seed=config.seed)
-            fit = fit_head(X, y, len(labels), head_config, device=_device(config), log=log.info)
+            fit = fit_head(X, y, len(labels), head_config, device=resolve_device(config.encoder.device),
+                           log=log.info)
             del X
             path = Path(tmp) / "head.safetensors"
             save_head(fit.head, path, labels)
@@ -374,6 +387,7 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                    validated: dict, embedded: dict, head: dict, evaluation: dict) -> dict:
     """Log the run to MLflow, register the pyfunc model and set its aliases (idempotent per flow run)."""
     from adaptflow.data import frame_digest
+    from adaptflow.lineage import ROWS_TAG, publish_rows, row_manifest
     from adaptflow.registry import DatasetInput, RunRecord, log_and_register
     from adaptflow.serving import ModelSpec
     from adaptflow.store import parse_s3_uri, sha256_file
@@ -388,6 +402,12 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             # what the gate needs to re-score this version later on other rows, without downloading the model
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
             "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"]}
+    tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
+        ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
+        row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
+    from adaptflow.changes import FINGERPRINT_TAG, fingerprint  # what a later unchanged run is compared with
+
+    tags[FINGERPRINT_TAG] = fingerprint(data_digest=snapshot["digest"], config=config, encoder_digest=encoder["digest"])
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
         for name in ("confusion_matrix.png", "report.md", "metrics.json"):

@@ -19,6 +19,7 @@ import re
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -100,6 +101,58 @@ class IntegrityError(StoreError):
     status = 500  # a re-download may heal a transfer error; a corrupt object fails again, loudly
 
 
+class RequestCounter:
+    """S3 requests sent and response bytes read through one boto3 client, from all threads.
+
+    Counted from botocore's events, so every path (``publish``, the transfer manager's ranged GETs, paginated
+    LISTs) is included: ``requests`` counts each HTTP attempt (a retried call counts twice, as S3 bills it);
+    ``bytes_read`` adds each GET's ``Content-Length`` and every other response's body (LIST XML, errors).
+    ``tasks/policy.py`` reports the difference across a stage as its ``s3``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._bytes = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """``{"requests": n, "bytes_read": b}`` so far."""
+        with self._lock:
+            return {"requests": self._requests, "bytes_read": self._bytes}
+
+    def since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """What was counted after ``before`` (an earlier :meth:`snapshot`)."""
+        now = self.snapshot()
+        return {k: now[k] - int(before.get(k, 0)) for k in now}
+
+    def on_send(self, **_) -> None:  # before-send: once per HTTP attempt; returning None lets it go out
+        with self._lock:
+            self._requests += 1
+
+    def on_response(self, http_response=None, parsed=None, model=None, **_) -> None:  # after-call
+        if model is not None and model.has_streaming_output:
+            size = int((parsed or {}).get("ContentLength") or 0)
+        else:
+            size = len(getattr(http_response, "content", b"") or b"")
+        with self._lock:
+            self._bytes += size
+
+
+_COUNTERS: "weakref.WeakKeyDictionary[object, RequestCounter]" = weakref.WeakKeyDictionary()
+_COUNTERS_LOCK = threading.Lock()
+
+
+def request_counter(client) -> RequestCounter:
+    """The one :class:`RequestCounter` of a boto3 S3 client (stores sharing a client share its counter)."""
+    with _COUNTERS_LOCK:
+        counter = _COUNTERS.get(client)
+        if counter is None:
+            counter = _COUNTERS[client] = RequestCounter()
+            client.meta.events.register("before-send.s3", counter.on_send)
+            client.meta.events.register("after-call.s3", counter.on_response)
+        return counter
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into ``(bucket, key)``; the key may be empty."""
     parts = urlsplit(str(uri))
@@ -169,6 +222,7 @@ class ArtifactStore:
                 aws_secret_access_key=secret_access_key, region_name=region, config=config,
             )
         self.client = client
+        self.requests = request_counter(client)  # S3 requests and bytes read so far (shared with with_bucket)
         self._bucket_ok = False  # set once the bucket is known to exist; saves a HEAD per missing key
         self._manifests: dict[str, dict] = {}  # published prefix -> its manifest (for verified reads)
         # 8 MiB parts, 4 threads: enough for a local server on 2 cores; the "classic" client behaves the

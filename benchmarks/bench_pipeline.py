@@ -85,37 +85,42 @@ def bench_vs_seed(ctx) -> Row:
 
 
 def bench_incremental(ctx) -> Row:
-    """Cold run on 10/11 of the rows, then a retrain with the other 1/11 appended (+10%) on the same bucket."""
+    """Cold run on a lake of 10 daily partitions, then a retrain after an 11th partition (+10 % rows) landed in the
+    same lake, on the same bucket: what a nightly job over a growing lake does."""
     df = pd.read_csv(_smoke_rt(ctx) if ctx.smoke else RT_CSV)
     rng = np.random.default_rng(7)
     new = np.zeros(len(df), dtype=bool)
     new[rng.choice(len(df), size=round(len(df) / 11), replace=False)] = True
-    base_csv, full_csv = ctx.work / "incr-base.csv", ctx.work / "incr-full.csv"
-    df[~new].to_csv(base_csv, index=False)
-    pd.concat([df[~new], df[new]]).to_csv(full_csv, index=False)  # the new rows appended, as a new export would
+    lake = ctx.work / "incr-lake"
+    for day, part in enumerate(np.array_split(np.flatnonzero(~new), 10), start=1):
+        (lake / f"dt=2026-11-{day:02d}").mkdir(parents=True, exist_ok=True)
+        df.iloc[part].to_parquet(lake / f"dt=2026-11-{day:02d}" / "part-0.parquet", index=False)
     enc = _encoder(ctx)
     group = None if ctx.smoke else "movie_name"
-    cfg_base = write_config(ctx.work / "incr-base.yaml", name="bench-incremental", train=base_csv, encoder=enc,
-                            group_column=group, gate=_gate(ctx))
-    cfg_full = write_config(ctx.work / "incr-full.yaml", name="bench-incremental", train=full_csv, encoder=enc,
-                            group_column=group, gate=_gate(ctx))
-    log(f"incremental: cold run on {int((~new).sum())} rows")
-    cold = ctx.runner.retrain(cfg_base)
-    log(f"incremental: +{int(new.sum())} rows, same bucket")
-    incr = ctx.runner.retrain(cfg_full, bucket=cold.bucket)
+    cfg = write_config(ctx.work / "incr.yaml", name="bench-incremental", train=lake, encoder=enc,
+                       group_column=group, gate=_gate(ctx))
+    log(f"incremental: cold run on {int((~new).sum())} rows in 10 partitions")
+    cold = ctx.runner.retrain(cfg)
+    (lake / "dt=2026-11-11").mkdir()
+    df[new].to_parquet(lake / "dt=2026-11-11" / "part-0.parquet", index=False)  # the new day lands
+    log(f"incremental: +{int(new.sum())} rows in an 11th partition, same bucket")
+    incr = ctx.runner.retrain(cfg, bucket=cold.bucket)
     e0, e1 = cold.summary["embeddings"], incr.summary["embeddings"]
     distinct_new = (e1["encoded"] + e1["cached"]) - (e0["encoded"] + e0["cached"])
     share = incr.wall_s / cold.wall_s
     exact = e1["encoded"] == distinct_new
     data = {"rows_base": int((~new).sum()), "rows_added": int(new.sum()), "cold": {"wall_s": cold.wall_s,
             "summary": cold.summary}, "incremental": {"wall_s": incr.wall_s, "summary": incr.summary},
-            "encoded": e1["encoded"], "cached": e1["cached"], "new_distinct_texts": distinct_new, "wall_share": share}
+            "encoded": e1["encoded"], "cached": e1["cached"], "new_distinct_texts": distinct_new, "wall_share": share,
+            "gate_rows_compared": incr.summary.get("gate", {}).get("rows_compared"),
+            "gate_rows_excluded": incr.summary.get("gate", {}).get("rows_excluded")}
     embed0, embed1 = cold.summary["seconds"].get("embed", 0.0), incr.summary["seconds"].get("embed", 0.0)
     data["embed_share"] = embed1 / max(embed0, 1e-9)
     measured = (f"+{int(new.sum())} rows: encoded {e1['encoded']} (new distinct texts {distinct_new}), cached "
                 f"{e1['cached']}; {fmt_s(incr.wall_s)} vs cold {fmt_s(cold.wall_s)} = **{100 * share:.0f}%** "
-                f"(embed stage {embed1:.1f} s vs {embed0:.1f} s = {100 * data['embed_share']:.0f}%)")
-    return Row("incremental", "incremental (+10% rows)", measured, "encoded == new rows; wall <= 25% of cold",
+                f"(embed stage {embed1:.1f} s vs {embed0:.1f} s = {100 * data['embed_share']:.0f}%); gate compared "
+                f"{data['gate_rows_compared']} rows, excluded {data['gate_rows_excluded']} the champion trained on")
+    return Row("incremental", "incremental (+10% rows, a new partition)", measured, "encoded == new rows; wall <= 25% of cold",
                exact and share <= 0.25, "each run a fresh `adaptflow retrain` process; stage seconds in the JSON",
                data)
 
@@ -154,6 +159,34 @@ def bench_overhead(ctx) -> Row:
                "each run a fresh `adaptflow retrain` process and a fresh bucket; the import floor is a `python -c` "
                "that only imports what a run imports (first use inside a stage included), timed in the same run",
                data)
+
+
+def bench_noop(ctx) -> Row:
+    """A night without new data: the whole `adaptflow retrain --json` process on data, config and encoder the latest
+    version was trained on (warm stack, same bucket); median of 3 after the run that registers the version."""
+    data = _smoke_rt(ctx) if ctx.smoke else RT_CSV
+    cfg = write_config(ctx.work / "noop.yaml", name="bench-noop", train=data, encoder=_encoder(ctx), gate=_gate(ctx))
+    bucket = f"bench-noop-{uuid.uuid4().hex[:8]}"
+    first = ctx.runner.retrain(cfg, bucket=bucket, force=False)
+    log(f"noop: first run {first.wall_s:.1f}s (registered: {first.summary.get('registered')})")
+    runs = []
+    for i in range(1 if ctx.smoke else 3):
+        runs.append(ctx.runner.retrain(cfg, bucket=bucket, force=False))
+        log(f"noop: run {i + 1}: {runs[-1].wall_s:.1f}s")
+        if runs[-1].summary.get("registered") is not False:
+            raise RuntimeError(f"an unchanged run registered version {runs[-1].summary.get('version')}")
+    walls = [r.wall_s for r in runs]
+    median = statistics.median(walls)
+    since = runs[-1].summary["unchanged_since"]
+    data_out = {"walls": walls, "median_s": median, "first_run_s": first.wall_s, "unchanged_since": since,
+                "check_s": runs[-1].summary.get("seconds", {}), "peak_rss_mb": runs[-1].peak_rss_mb}
+    measured = (f"median **{fmt_s(median)}** per unchanged run (min {fmt_s(min(walls))}; the run that registered "
+                f"version {since}: {fmt_s(first.wall_s)}); nothing registered, no alias moved")
+    return Row("noop", "no-op run (nothing changed)", measured, "<= 5 s for the whole CLI process, warm stack",
+               median <= 5,
+               "each run a fresh `adaptflow retrain CONFIG --json` process (no --force) on the bundled rotten_tomatoes "
+               "rows, data/config/encoder unchanged since the version it names; torch, Prefect and MLflow stay "
+               "unimported (tests/test_changes.py)", data_out)
 
 
 IMPORTS = ("import flows.retrain, mlflow.pyfunc, matplotlib.pyplot; "

@@ -267,15 +267,17 @@ class Runner:
         self.svc, self.inprocess = svc, inprocess
 
     def retrain(self, config: Path, sets: list[str] | tuple = (), *, bucket: str | None = None,
-                subprocess_: bool | None = None) -> RunResult:
-        """One retrain; ``bucket`` defaults to a fresh one (cold: empty snapshot, token and embedding caches)."""
+                subprocess_: bool | None = None, force: bool = True) -> RunResult:
+        """One retrain; ``bucket`` defaults to a fresh one (cold: empty snapshot, token and embedding caches).
+        ``force`` (default): train even when the registry already holds this model (else a no-op run)."""
         bucket = bucket or f"bench-{uuid.uuid4().hex[:10]}"
         env = {**self.svc.env, "ADAPTFLOW_BUCKET": bucket}
         child = (not self.inprocess) if subprocess_ is None else subprocess_
-        return self._child(config, sets, env, bucket) if child else self._here(config, sets, env, bucket)
+        return (self._child(config, sets, env, bucket, force) if child
+                else self._here(config, sets, env, bucket, force))
 
-    def _child(self, config: Path, sets, env: dict, bucket: str) -> RunResult:
-        cmd = [sys.executable, "-m", "adaptflow", "retrain", str(config), "--json"]
+    def _child(self, config: Path, sets, env: dict, bucket: str, force: bool = True) -> RunResult:
+        cmd = [sys.executable, "-m", "adaptflow", "retrain", str(config), "--json"] + (["--force"] if force else [])
         for s in sets:
             cmd += ["--set", s]
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
@@ -299,7 +301,7 @@ class Runner:
         own = sampler.peak_kb / 1024 if sampler.peak_kb else None
         return RunResult(summary, wall, own, bucket, stderr[-2000:], peak_rss_tree_mb=usage.ru_maxrss / 1024)
 
-    def _here(self, config: Path, sets, env: dict, bucket: str) -> RunResult:
+    def _here(self, config: Path, sets, env: dict, bucket: str, force: bool = True) -> RunResult:
         from adaptflow.config import load_config
 
         saved = {k: os.environ.get(k) for k in env}
@@ -308,7 +310,7 @@ class Runner:
             from flows.retrain import retrain
 
             t = time.perf_counter()
-            summary = retrain(load_config(str(config), list(sets)))
+            summary = retrain(load_config(str(config), list(sets)), force=force)
             wall = time.perf_counter() - t
         finally:
             for k, v in saved.items():

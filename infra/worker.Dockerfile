@@ -24,8 +24,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
-# 2. The project and its pinned dependencies; `pip check` fails the build on a broken resolution
-#    (boto3 and s3fs must resolve as a pair, see pyproject.toml).
+# 2. The project and its pinned dependencies; `pip check` fails the build on a broken resolution.
 WORKDIR /app
 COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip \

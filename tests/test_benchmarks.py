@@ -1,6 +1,6 @@
 """The benchmarks in smoke mode: every row runs end to end on tiny data with a tiny encoder (numbers mean nothing).
 
-Benchmarks are not timed tests; this only proves that `make bench` executes: the six rows, the JSON and the
+Benchmarks are not timed tests; this only proves that `make bench` executes: every row, the JSON and the
 markdown table, against the session's real S3 + MLflow and the Prefect test harness.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from benchmarks import run as bench
 
 
-def test_smoke_runs_all_six_rows(services_env, prefect_harness, tmp_path):
+def test_smoke_runs_every_row(services_env, prefect_harness, tmp_path):
     doc = bench.run(bench.ORDER, smoke=True, services_mode="env", work=tmp_path / "work")
     rows = {r["name"]: r for r in doc["rows"]}
     assert list(rows) == bench.ORDER

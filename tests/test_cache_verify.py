@@ -194,7 +194,7 @@ def test_the_run_summary_reports_the_corrupt_shard(services_env, fresh_bucket, m
     store = ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
     manifest = next(k for k in store.list_keys("embeddings/") if "/shards/" in k and k.endswith("/_manifest.json"))
     bad_rows = corrupt_vectors(store, manifest.rsplit("/", 1)[0])
-    second = retrain(config)
+    second = retrain(config, force=True)  # unforced, an unchanged run registers nothing (test_changes)
     assert second["embeddings"]["corrupt"] == {"shards_ignored": 1, "rows_reencoded": bad_rows}
     assert second["embeddings"]["encoded"] == bad_rows and second["version"] == "2"
 

@@ -28,7 +28,26 @@ def test_loads_and_resolves_data_paths_relative_to_the_file(tmp_path):
     assert config.name == "demo"
     assert config.data.train == str(tmp_path / "data" / "train.csv")
     assert config.encoder.max_length == 64 and config.encoder.pooling == "mean"
-    assert config.head.head_kwargs() == {"kind": "linear", "epochs": 5}
+    assert config.head.head_kwargs() == {"kind": "linear", "epochs": 5}  # only what the file sets
+
+
+def test_head_section_is_the_head_config_rules_once(tmp_path):
+    """config.head is validated by the same model (and bounds) as adaptflow.heads.HeadConfig; unset keys
+    take its defaults, and the run's seed completes it."""
+    from adaptflow.heads import HeadConfig
+
+    config = load_config(write(tmp_path, BASE), ["head.C=0.5", "head.solver=adamw", "seed=3"])
+    assert config.head.C == 0.5 and config.head.batch_size == 64 and config.head.calibrate is True
+    head = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
+    assert (head.C, head.resolved_solver, head.epochs, head.seed) == (0.5, "adamw", 5, 3)
+    for override, message in [("head.C=0", "'head.C' = 0: Input should be greater than 0"),
+                              ("head.calibrate=maybe", "'head.calibrate' = 'maybe': Input should be a valid boolean"),
+                              ("head.val_fraction=0.6", "'head.val_fraction' = 0.6: Input should be less than 0.5"),
+                              ("head.seed=4", "unknown key 'head.seed'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, BASE), [override])
+    with pytest.raises(ConfigError, match="solver 'lbfgs' is for kind 'linear'"):
+        load_config(write(tmp_path, BASE), ["head.kind=mlp", "head.solver=lbfgs"])
 
 
 def test_misspelled_key_names_the_closest_valid_one(tmp_path):

@@ -179,19 +179,20 @@ def frame(n_per_label: dict[str, int], groups: int | None = None) -> pd.DataFram
     return df
 
 
-def test_split_is_deterministic_and_stratified():
-    df = frame({"a": 80, "b": 20})
+def test_split_is_deterministic_and_approximately_stratified():
+    df = frame({"a": 1600, "b": 400})
     train, test = split_frame(df, test_size=0.25, seed=3)
     again = split_frame(df, test_size=0.25, seed=3)[1]
     assert test.equals(again) and not test.equals(split_frame(df, test_size=0.25, seed=4)[1])
-    assert test["label"].value_counts().to_dict() == {"a": 20, "b": 5}
-    assert sorted(train["row"].tolist() + test["row"].tolist()) == list(range(1, 101))
-    assert train["row"].is_monotonic_increasing  # input order kept
+    shares = test["label"].value_counts() / df["label"].value_counts()
+    assert (abs(shares - 0.25) < 0.04).all(), shares  # by hash: stratified in expectation only
+    assert sorted(train["row"].tolist() + test["row"].tolist()) == list(range(1, 2001))
+    assert train["row"].is_monotonic_increasing and test["row"].is_monotonic_increasing  # input order kept
 
 
 def test_group_split_is_disjoint_and_balanced():
-    df = frame({"a": 300, "b": 100}, groups=40)
-    df.loc[df.index[:10], "group"] = None  # ungrouped rows become their own groups
+    df = frame({"a": 3000, "b": 1000}, groups=800)
+    df.loc[df.index[:10], "group"] = None  # ungrouped rows are keyed by their text
     train, test = split_frame(df, test_size=0.3, seed=0)
     assert not set(train["group"].dropna()) & set(test["group"].dropna())
     assert abs(len(test) / len(df) - 0.3) < 0.05

@@ -85,7 +85,8 @@ def test_gpu_subflow_runs_on_its_pool_and_overlapping_runs_wait(prefect_server, 
     try:
         wait_online(prefect_server, "gpu", 1)
         with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-            runs = [run_deployment("retrain-from-config/retrain-on-demand", timeout=0) for _ in range(2)]
+            runs = [run_deployment("retrain-from-config/retrain-on-demand", timeout=0, parameters={"force": True})
+                    for _ in range(2)]  # forced: an unchanged second run would register nothing (test_changes)
             deadline = time.monotonic() + 420
             with get_client(sync_client=True) as client:
                 while time.monotonic() < deadline:

@@ -341,7 +341,7 @@ def test_two_runs_of_the_same_config_at_once(cli_env, test_settings, tmp_path, t
     reviews(1500, seed=3).to_csv(data, index=False)
     config = _write_config(tmp_path / "config.yaml", data, "fault-concurrent", str(tiny_encoder_path), 32)
     started = time.monotonic()
-    procs = [_cli(["retrain", str(config), "--json"], cli_env, tmp_path) for _ in range(2)]
+    procs = [_cli(["retrain", str(config), "--json", "--force"], cli_env, tmp_path) for _ in range(2)]
     outs = [proc.communicate(timeout=300) for proc in procs]
     seconds = time.monotonic() - started
     for proc, (out, err) in zip(procs, outs):

@@ -61,7 +61,7 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
         assert store.verify_manifest(manifest.rsplit("/", 1)[0]) == []
 
     # same data again: a lookup, not a re-encode; a second version becomes the challenger only
-    second = retrain(make_config(reviews / "base.csv", "flow-test"))
+    second = retrain(make_config(reviews / "base.csv", "flow-test"), force=True)  # unforced: a no-op (test_changes)
     assert second["embeddings"]["encoded"] == 0 and second["embeddings"]["cached"] == first["embeddings"]["encoded"]
     assert second["version"] == "2" and second["aliases"] == ["challenger"]
 
@@ -91,7 +91,7 @@ def test_flow_registers_a_servable_model_and_reuses_cached_embeddings(flow_env, 
 def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, change, tiny_encoder_path):
     from flows.retrain import retrain
 
-    base = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path)))
+    base = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path)), force=True)  # 2nd param
     changed = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path), **change))
     assert changed["embeddings"]["cached"] == 0
     assert changed["embeddings"]["encoded"] == base["embeddings"]["encoded"] + base["embeddings"]["cached"]

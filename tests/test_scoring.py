@@ -41,12 +41,12 @@ def parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def retrain_config(train: Path, name: str, encoder: Path):
+def retrain_config(train: Path, name: str, encoder: Path, epochs: int = 5):
     return build_config({
         "name": name,
         "data": {"train": str(train), "test_size": 0.25},
         "encoder": {"ref": str(encoder), "max_length": 32, "dtype": "fp32", "device": "cpu"},
-        "head": {"epochs": 5},
+        "head": {"epochs": epochs},
         "gate": {"smoke_test": False},
     })
 
@@ -138,7 +138,8 @@ def test_scores_each_partition_once_per_version(ctx, registered, s3_client, tiny
     # a new version writes under its own version=, from the cache (same encoder settings)
     from flows.retrain import retrain
 
-    second = retrain(retrain_config(registered["train"], "score-test", tiny_encoder_path))
+    # (another head setting: the same config and data again would register nothing)
+    second = retrain(retrain_config(registered["train"], "score-test", tiny_encoder_path, epochs=6))
     assert second["version"] == "2"
     v2 = score_location(ctx, request.model_copy(update={"model_uri": "models:/score-test/2"}))
     assert v2["partitions"]["scored"] == 4 and v2["embeddings"]["encoded"] == 0 and v2["embeddings"]["cached"] == 32

@@ -8,6 +8,8 @@ checked after every download.
 - Weights load from safetensors only: a booby-trapped pickle next to (or instead of) them is never unpickled,
   remote code named by ``auto_map`` is never imported, and the code base passes an AST audit
   (``trust_remote_code`` never true, ``torch.load`` only with ``weights_only=True``, no pickle loaders).
+- A registered model is safetensors + JSON + code: every file of the version (zip members included) is scanned
+  for pickle content, and it loads with MLflow's pickle deserialization switched off.
 - Encoder snapshots, published stage outputs and S3 data files are verified after download.
 """
 
@@ -15,14 +17,17 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import io
 import json
 import logging
 import os
 import pickle
+import pickletools
 import shutil
 import stat
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -333,6 +338,82 @@ def test_code_never_loads_untrusted_code_or_pickles():
                     problems.append(f"{name}(): {where}")
     assert model_loads >= 1, "found no model loads: the audit needs updating"
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- the packaged model
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".dill", ".pt", ".pth")
+
+
+def is_pickle_stream(data: bytes) -> bool:
+    """True when ``data`` is a pickle (protocol 2-5: PROTO opcode first, then opcodes up to STOP)."""
+    if len(data) < 3 or data[0] != pickle.PROTO[0] or not 2 <= data[1] <= 5:
+        return False
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:
+        return False
+    return True
+
+
+def pickle_findings(name: str, data: bytes) -> list[str]:
+    """Why ``name`` counts as a pickle: its name, its bytes, or those of a zip member (torch.save is a zip)."""
+    found = [f"{name}: pickle file name"] if name.lower().endswith(PICKLE_SUFFIXES) else []
+    if is_pickle_stream(data):
+        found.append(f"{name}: pickle stream")
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for member in archive.namelist():
+                found += pickle_findings(f"{name}!{member}", archive.read(member))
+    return found
+
+
+def test_pickle_scanner_finds_pickles():
+    """The scanner the next test relies on is not vacuous: plain, cloudpickled and zipped pickles are found."""
+    import cloudpickle
+
+    assert pickle_findings("a.json", pickle.dumps({"a": 1}, protocol=2)) == ["a.json: pickle stream"]
+    assert pickle_findings("model", cloudpickle.dumps(_Trap(Path("x")))) == ["model: pickle stream"]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps([1, 2]))
+    assert pickle_findings("weights", buffer.getvalue()) == ["weights!archive/data.pkl: pickle file name",
+                                                             "weights!archive/data.pkl: pickle stream"]
+    assert pickle_findings("MLmodel", b"flavors:\n  python_function: {}\n") == []
+    assert pickle_findings("head.safetensors", b"\x80\x02 not really a pickle") == []
+
+
+def test_a_registered_model_is_safetensors_json_and_code_without_pickles(
+        flow_env, tmp_path, tiny_encoder_path, test_settings, console_logs, monkeypatch):
+    """Register through the real flow, download every file of the version: no pickle anywhere, no cloudpickle
+    warning at registration, and it loads and predicts with MLflow's pickle deserialization switched off."""
+    import mlflow.pyfunc
+    from mlflow.artifacts import download_artifacts
+
+    from flows.retrain import retrain
+
+    frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(40)],
+                          "label": ["pos" if i % 2 else "neg" for i in range(40)]})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    config = build_config({"name": "no-pickle", "data": {"train": str(tmp_path / "train.csv")},
+                           "encoder": {"ref": str(tiny_encoder_path), "max_length": 16},
+                           "gate": {"smoke_test": False}})
+    summary = retrain(config)
+    model_uri = f"models:/no-pickle/{summary['version']}"
+    local = Path(download_artifacts(model_uri, dst_path=str(tmp_path / "model"),
+                                    tracking_uri=test_settings.mlflow_tracking_uri))
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert {"MLmodel", "artifacts/head.safetensors", "artifacts/model_spec.json"} <= set(files), files
+    assert any(f.startswith("code/adaptflow/") for f in files), f"the library does not travel with it: {files}"
+    findings = [hit for f in files for hit in pickle_findings(f, (local / f).read_bytes())]
+    assert not findings, f"pickle content in the registered model: {findings}; its files: {files}"
+    warned = [line for line in console_logs if "cloudpickle" in line.lower()]
+    assert not warned, warned
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(model_uri)
+    assert model.predict(pd.DataFrame({"text": ["good film"]}))["label"].tolist()[0] in ("neg", "pos")
 
 
 # ---------------------------------------------------------------------------------------------- digests

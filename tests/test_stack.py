@@ -159,3 +159,69 @@ def test_settings_and_stack_read_the_same_state(tmp_path, monkeypatch):
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     assert settings.from_stack and settings.secret_key == "secret" and settings.bucket == "b"
     assert stack.stack_settings(tmp_path).model_dump(exclude={"from_stack"}) == settings.model_dump(exclude={"from_stack"})
+
+
+from tests.fixtures.postgres import pg_databases  # noqa: E402,F401  (fixture)
+
+
+@pytest.mark.slow
+def test_up_on_postgres_runs_mlflow_and_prefect_there_and_down_stops_them(tmp_path, pg_databases):
+    """`up --postgres URL`: the databases are created, MLflow and Prefect keep their state there, both answer their
+    health checks, `down` stops them; a second `up` without the option keeps the recorded databases."""
+    import psycopg2
+
+    server, names = pg_databases
+    d = str(tmp_path / "state")
+    taken: set[int] = set()
+    ports = {name: free_port(taken, twin=name == "s3") for name in stack.SERVICES}
+    argv = ["--state-dir", d, "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"]),
+            "--prefect-port", str(ports["prefect"]), "--timeout", "150"]
+    try:
+        result = cli("up", *argv, "--postgres", server, "--mlflow-db", names["mlflow"], "--prefect-db",
+                     names["prefect"], "--json")
+        assert result.exit_code == 0, result.output
+        status = json.loads(result.stdout)
+        assert all(s["healthy"] for s in status.values()), status
+        assert status["mlflow"]["database"] == f"{server}/{names['mlflow']}"
+        assert status["prefect"]["database"] == f"{server}/{names['prefect']}"
+        assert not (tmp_path / "state" / "mlflow" / "mlflow.db").exists()
+
+        import mlflow
+
+        mlflow.MlflowClient(status["mlflow"]["url"]).create_experiment("on-postgres")
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: status["prefect"]["api_url"]}), \
+                get_client(sync_client=True) as client:
+            client.create_flow_from_name("stored-in-postgres")
+        with psycopg2.connect(f"{server}/{names['mlflow']}") as db, db.cursor() as cursor:
+            cursor.execute("SELECT name FROM experiments WHERE name = 'on-postgres'")
+            assert cursor.fetchall() == [("on-postgres",)]
+        with psycopg2.connect(f"{server}/{names['prefect']}") as db, db.cursor() as cursor:
+            cursor.execute("SELECT name FROM flow WHERE name = 'stored-in-postgres'")
+            assert cursor.fetchall() == [("stored-in-postgres",)]
+
+        pids = [s["pid"] for s in status.values()]
+        assert cli("down", "--state-dir", d).exit_code == 0
+        assert all(group_gone(pid) for pid in pids)
+        assert all(port_free(p) for p in recorded_ports(d))
+
+        result = cli("up", "--state-dir", d, "--only", "mlflow", "--json", "--timeout", "150")  # no --postgres
+        assert result.exit_code == 0, result.output
+        status = json.loads(result.stdout)
+        assert status["mlflow"]["database"] == f"{server}/{names['mlflow']}"
+        assert mlflow.MlflowClient(status["mlflow"]["url"]).get_experiment_by_name("on-postgres") is not None
+    finally:
+        stack.down(d)
+
+
+def test_postgres_option_checks_its_url_and_names_an_unreachable_server(tmp_path):
+    result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "prefect", "--postgres",
+                                 "mysql://root@127.0.0.1:3306"])
+    assert result.exit_code == 1 and "postgresql://USER" in result.stderr
+    port = free_port(set())  # nothing listens there
+    result = runner.invoke(app, ["up", "--state-dir", str(tmp_path), "--only", "prefect", "--postgres",
+                                 f"postgresql://postgres@127.0.0.1:{port}"])
+    assert result.exit_code == 1 and f"cannot reach PostgreSQL at 127.0.0.1:{port}" in result.stderr
+    assert not stack.status(tmp_path)["prefect"]["running"]  # nothing started

@@ -43,7 +43,7 @@ def verify(
     try:
         store = ArtifactStore.from_settings(load_settings(), bucket=bucket)
         found = audit(store, min_age_s=min_age)
-        deleted = repair_problems(store, found.problems) if repair and found.problems else 0
+        deleted = repair_problems(store, found.problems + found.superseded) if repair else 0
     except (StoreError, OSError, ValueError) as exc:
         raise fail(exc, what="cache verify") from None
     problems = [{"kind": p.kind, "prefix": store.uri(p.prefix), "reason": p.reason, "objects": len(p.keys)}
@@ -51,12 +51,16 @@ def verify(
     if as_json:
         typer.echo(json.dumps({"bucket": store.bucket, "caches": found.caches, "shards": found.shards,
                                "problems": problems, "recent_objects": found.recent_objects,
+                               "superseded_index_objects": len(found.superseded),
                                "repaired": repair, "deleted_objects": deleted}))
     else:
         for p in problems:
             typer.echo(f"{p['kind']:8} {p['prefix']}  {p['reason']}")
         summary = f"{found.caches} cache(s), {found.shards} shard(s) checked: "
         summary += f"{len(problems)} problem(s)" if problems else "no problems"
+        if found.superseded:
+            summary += (f"; {len(found.superseded)} superseded index generation(s)"
+                        + (" deleted" if repair else " (--repair deletes them)"))
         if found.recent_objects:
             summary += f"; {found.recent_objects} unpublished object(s) younger than {min_age:.0f} s left alone"
         typer.echo(summary)

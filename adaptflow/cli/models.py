@@ -1,4 +1,5 @@
-"""``adaptflow promote | rollback | models history``: move and inspect the champion alias, with an audit trail."""
+"""``adaptflow promote | rollback | models history | models rows``: move and inspect the champion alias (with an
+audit trail) and the rows behind each version."""
 
 from __future__ import annotations
 
@@ -89,3 +90,57 @@ def history(
     for move in moves:
         print(f"  {move['at']}  {move['alias']}: {move['from'] or '(none)'} → {move['to']}  "
               f"[{move['kind']} by {move['actor']}] {move['reason']}")
+
+
+@app.command()
+def rows(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version whose row manifest to show.")],
+    diff: Annotated[Optional[str], typer.Option("--diff", metavar="OTHER",
+                                                help="Compare with version OTHER: added/removed/relabelled rows.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Folder for the --diff Parquet files "
+                                                   "(default ./<name>-rows-v<OTHER>-v<VERSION>).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object: counts (and the diff's).")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Which rows trained and tested VERSION: counts per split and label; with --diff OTHER, the rows added,
+    removed, relabelled (and moved across the split) since OTHER, written as Parquet."""
+    from adaptflow.lineage import ROWS_TAG, counts, diff_rows, rows_of
+    from adaptflow.settings import load_settings
+    from adaptflow.store import ArtifactStore
+
+    try:
+        client = _client(state_dir)
+        store = ArtifactStore.from_settings(load_settings(state_dir))
+        manifests = {}
+        for v in [version] + ([diff] if diff else []):
+            manifest = rows_of(store, client.get_model_version(name, v))
+            if manifest is None:
+                raise ValueError(f"{name} v{v} has no row manifest (tag {ROWS_TAG}): it was registered before "
+                                 f"adaptflow recorded row lineage; retrain to get one")
+            manifests[v] = manifest
+    except Exception as exc:  # noqa: BLE001
+        raise fail(exc, what=f"models rows {name} {version}") from None
+    rows_now = manifests[version]
+    result: dict = {"name": name, "version": version, "rows": len(rows_now), "counts": counts(rows_now),
+                    "rows_uri": client.get_model_version(name, version).tags[ROWS_TAG]}
+    if diff:
+        changes = diff_rows(rows_now, manifests[diff])
+        folder = output or Path(f"{name}-rows-v{diff}-v{version}")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for kind, frame in changes.items():
+            path = folder / f"{kind}.parquet"
+            frame.to_parquet(path, index=False)
+            files[kind] = str(path)
+        result["diff"] = {"against": diff, **{kind: len(frame) for kind, frame in changes.items()}, "files": files}
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{name} v{version}: {result['rows']} rows ({result['rows_uri']})")
+    for split, per_label in result["counts"].items():
+        print(f"  {split:<6} {sum(per_label.values()):>8}  " + ", ".join(f"{k} {n}" for k, n in per_label.items()))
+    if diff:
+        d = result["diff"]
+        print(f"vs v{diff}: {d['added']} added, {d['removed']} removed, {d['relabelled']} relabelled, "
+              f"{d['moved']} moved across the split → {folder}/")

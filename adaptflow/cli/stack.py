@@ -37,6 +37,8 @@ def _print_status(status: dict) -> None:
         typer.echo(f"{name:8} {state:9} {info['url']}{extra}")
         if name == "s3" and info.get("bucket"):
             typer.echo(f"{'':18} bucket s3://{info['bucket']} (keys: credentials.json in the state dir)")
+        if info.get("database") and info["database"] != "sqlite":
+            typer.echo(f"{'':18} DB  {info['database']}")
         if info.get("ui"):
             typer.echo(f"{'':18} UI  {info['ui']}")
         if info.get("api_url"):
@@ -56,6 +58,11 @@ def up(
         str, typer.Option(help="S3 bucket to create; MLflow artifacts go to s3://BUCKET/mlflow.")
     ] = "adaptflow",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the services to become healthy.")] = 90,
+    postgres: Annotated[Optional[str], typer.Option(
+        help="Keep MLflow's and Prefect's state in PostgreSQL at this server URL (postgresql://USER@HOST:PORT), "
+        "in databases created when missing, instead of SQLite files: the production shape, natively.")] = None,
+    mlflow_db: Annotated[str, typer.Option(help="MLflow's database name (with --postgres).")] = "adaptflow_mlflow",
+    prefect_db: Annotated[str, typer.Option(help="Prefect's database name (with --postgres).")] = "adaptflow_prefect",
     as_json: AsJson = False,
 ) -> None:
     """Start the services that are not running yet (idempotent) and wait until they answer."""
@@ -66,7 +73,8 @@ def up(
         raise typer.BadParameter(f"choose from {','.join(stack.SERVICES)}", param_hint="--only")
     ports = {k: v for k, v in {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}.items() if v}
     try:
-        status = stack.up(state_dir, services=services, ports=ports, bucket=bucket, timeout=timeout, log=_echo_err)
+        status = stack.up(state_dir, services=services, ports=ports, bucket=bucket, timeout=timeout, log=_echo_err,
+                          postgres=postgres, databases={"mlflow": mlflow_db, "prefect": prefect_db})
     except stack.StackError as exc:
         raise fail(exc, what="stack up") from None
     if as_json:
