@@ -30,6 +30,7 @@ DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
 HEALTH_PATHS = {"s3": "/healthz", "mlflow": "/health", "prefect": "/api/health"}
 # weed mini's other listeners. SeaweedFS assumes gRPC = HTTP + 10000 in places (its maintenance worker
 # dials admin.port + 10000 whatever admin.port.grpc says), so every HTTP port gets its +10000 twin.
+WEED_MAX_VOLUMES = 10000
 WEED_PORTS = ("master.port", "volume.port", "filer.port", "admin.port")
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,10 @@ def _command(name: str, entry: dict, state_dir: Path, bucket: str) -> list[str]:
         ports = [f"-{flag}={p}" for flag, p in entry["ports"].items()]
         return [_executable("weed"), f"-logdir={state_dir / 'logs' / 'weed'}", "mini", f"-dir={state_dir / 's3'}",
                 f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={port}", *ports, "-master.telemetry=false",
-                "-webdav=false", "-s3.autoCreateBucket=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+                "-webdav=false", "-s3.autoCreateBucket=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # each bucket is a collection that grows its own volumes; the automatic cap (free disk / 128 MB)
+                # ran out at ~75 buckets here. Volumes are sparse files, so a higher count costs no disk up front.
+                f"-volume.max={WEED_MAX_VOLUMES}"]  # fmt: skip
     if name == "mlflow":
         store = f"sqlite:///{(state_dir / 'mlflow' / 'mlflow.db').resolve()}"
         if entry.get("database"):  # psycopg2 named: SQLAlchemy 2.1's default PostgreSQL driver is psycopg (v3)
