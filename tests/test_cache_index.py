@@ -5,24 +5,15 @@ import io
 import threading
 
 import numpy as np
-import pytest
 
-from adaptflow.cache import EmbeddingCache, text_sha256
+from adaptflow.cache import EmbeddingCache
 from adaptflow.cache_audit import audit, repair
 from adaptflow.cache_index import Generation, IndexStore
-from adaptflow.store import ArtifactStore
-
-SPEC = dict(encoder_digest="sha256:" + "ab" * 32, max_length=128, pooling="mean", dtype="fp32")
-
-
-@pytest.fixture
-def store(test_settings, fresh_bucket):
-    return ArtifactStore.from_settings(test_settings, bucket=fresh_bucket)
+from tests.test_cache import SPEC, rows as cache_rows, store  # noqa: F401 (store is a fixture)
 
 
 def rows(n, dim=4, seed=0, start=0):
-    hashes = [text_sha256(f"text {i}") for i in range(start, start + n)]
-    return hashes, np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return cache_rows(n, dim=dim, seed=seed, start=start)
 
 
 def indexed_shards(store, cache) -> set[str]:
