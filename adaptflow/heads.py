@@ -244,7 +244,9 @@ def _temperature(X: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, cfg
     for f in range(cfg.cv_folds):
         tr, va = folds != f, folds == f  # train on the other folds, score this one
         head = _zero_linear(cfg, X.shape[1], n_classes, device)
-        _lbfgs(head, _tensor_chunks(X[tr], y[tr]), int(tr.sum()), C, weight, cfg.max_iter)
+        # C scaled to the fold's size: the same penalty per row as the final head on all rows, so the fold models
+        # are as confident as it will be and the temperature fitted on them transfers
+        _lbfgs(head, _tensor_chunks(X[tr], y[tr]), int(tr.sum()), C * len(y) / int(tr.sum()), weight, cfg.max_iter)
         with torch.no_grad():
             logits[va] = head(X[va])
     log_t = torch.zeros((), device=device, requires_grad=True)  # T = exp(log_t) > 0
