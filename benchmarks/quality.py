@@ -9,8 +9,8 @@ test rows:
 - **seed**: the seed's plain loop (``benchmarks.seed_loop.train_seed_head``: nn.Linear, AdamW 1e-3, batch 32,
   5 epochs) on the raw pooled vectors.
 
-Test rows: rotten_tomatoes is split movie-disjoint (``split_frame`` with the movie as group, 20 %); bbc_news and
-tweets take a stratified random 20 %. The test rows stay fixed; each seed draws its own training sample of the
+Test rows: the pipeline's own hash split (``split_frame``, 20 %): movie-disjoint for rotten_tomatoes (the movie
+is the group); by text for bbc_news and tweets (approximately stratified). The test rows stay fixed; each seed draws its own training sample of the
 size from the rest (the "full" cell uses all of it, so only the heads' own seeds vary there). Each data set is
 encoded once (all-MiniLM-L6-v2, mean pooling, max_length 128, the dtype ``auto`` picks) and the vectors are
 cached under ``benchmarks/results/`` keyed by the data file's and the encoder's digests.
@@ -183,7 +183,7 @@ def evaluate_dataset(ds: Dataset, path: Path, encoder_path: Path, encoder_digest
     labels = sorted(set(frame["label"]))
     y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy()
     pool, test = split_dataset(frame, ds)
-    split = "movie-disjoint (group) 20 %" if ds.group else "stratified random 20 %"
+    split = "movie-disjoint (group) 20 %" if ds.group else "hash split by text 20 %"
     log(f"{ds.name}: {len(frame)} rows, {len(labels)} classes; test {len(test)} rows ({split}), pool {len(pool)}")
     cells = []
     for size in sizes:
@@ -212,7 +212,7 @@ def markdown(doc: dict) -> str:
             acc = lambda n: f"{100 * m[n]['accuracy']:.2f} ({m[n]['ece']:.3f})"
             diff = cell["head_minus_lr_points"]
             size = f"{cell['train_rows']:,}" + (" (full)" if cell["size"] == "full" else "")
-            lines.append(f"| {d['name']} ({cell['test_rows']:,}, {'movie-disjoint' if 'movie' in d['test'] else 'stratified'})"
+            lines.append(f"| {d['name']} ({cell['test_rows']:,}, {'movie-disjoint' if 'movie' in d['test'] else 'hash split'})"
                          f" | {size} | {acc('head')} | {acc('LR')} | {acc('seed_loop')} | {diff['mean']:+.2f} / "
                          f"{diff['worst']:+.2f} | {'yes' if verdict(cell) else '**no**'} |")
     return "\n".join(lines)
