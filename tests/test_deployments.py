@@ -136,8 +136,11 @@ def run_logs(client, run_ids: list) -> dict:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     texts = {run_id: "" for run_id in run_ids}
-    for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))):
-        texts[log.flow_run_id] += log.message + "\n"
+    log_filter, offset = LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)), 0
+    while page := client.read_logs(log_filter, limit=200, offset=offset):  # the server answers a page at a time
+        for log in page:
+            texts[log.flow_run_id] += log.message + "\n"
+        offset += len(page)
     return texts
 
 

@@ -102,16 +102,13 @@ def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
     from deployments.deploy import POOLS, data_changed_trigger
 
     monkeypatch.setenv("ADAPTFLOW_CONFIG", "s3://configs/reviews.yaml")
-    for var, value in (("MODEL", "models:/reviews@champion"), ("INPUT", "s3://lake/new/"), ("OUTPUT", "s3://out/")):
-        monkeypatch.setenv(f"ADAPTFLOW_SCORE_{var}", value)
     raw = apply_values(yaml.safe_load((ROOT / "prefect.yaml").read_text()), {})  # what `prefect deploy` resolves
     model = PrefectYamlModel.model_validate(raw)
     deployments = {d.name: d for d in model.deployments}
     assert sorted((d.name, d.entrypoint) for d in model.deployments) == [
         ("gpu", "flows/embed_shard.py:embed_shard"), ("gpu", "flows/train_gpu.py:embed_and_train"),
         ("retrain-nightly", "flows/retrain.py:retrain_from_config"),
-        ("retrain-on-demand", "flows/retrain.py:retrain_from_config"), ("score-nightly", "flows/score.py:score"),
-        ("watch-data", "flows/watch_data.py:watch_data")]
+        ("retrain-on-demand", "flows/retrain.py:retrain_from_config"), ("watch-data", "flows/watch_data.py:watch_data")]
     assert deployments["retrain-nightly"].work_pool.job_variables["env"]["ADAPTFLOW_SHARD_DEPLOYMENT"] == \
         "embed-shard/gpu"
     for d in model.deployments:
@@ -122,8 +119,6 @@ def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
     assert deployments["watch-data"].schedules[0].interval.total_seconds() == 600
     assert deployments["retrain-on-demand"].concurrency_limit.collision_strategy == "ENQUEUE"
     assert deployments["retrain-on-demand"].parameters == {"config_uri": "s3://configs/reviews.yaml"}
-    assert deployments["score-nightly"].parameters == {"model_uri": "models:/reviews@champion",
-                                                       "input": "s3://lake/new/", "output": "s3://out/"}
     (trigger,) = [DeploymentEventTrigger.model_validate(t) for t in deployments["retrain-on-demand"].triggers]
     assert trigger == data_changed_trigger("s3://configs/reviews.yaml")  # adaptflow deploy makes the same one
 
