@@ -158,7 +158,7 @@ def test_uploaded_partition_retrains_once_and_quiet_ticks_do_nothing(test_settin
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             names = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
             assert names == {"retrain-from-config/retrain-nightly", "retrain-from-config/retrain-on-demand",
-                             "watch-data/watch-data", "embed-and-train/gpu"}
+                             "watch-data/watch-data", "embed-and-train/gpu", "embed-shard/gpu"}
 
             on_demand = client.read_deployment_by_name("retrain-from-config/retrain-on-demand").id
 
