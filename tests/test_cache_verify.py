@@ -55,6 +55,13 @@ def config_for(train, encoder_path):
                          "head": {"epochs": 3}, "gate": {"smoke_test": False}})
 
 
+def stages_to_tokens(ctx, config) -> tuple[dict, dict, dict]:
+    """(encoder, validated, tokens): the stages before embed, run against the real store."""
+    encoder = stages.resolve_encoder_stage(ctx, config)
+    validated = stages.validate_stage(ctx, config, stages.ingest_stage(ctx, config))
+    return encoder, validated, stages.tokenize_stage(ctx, config, validated, encoder)
+
+
 def cache_of(ctx, config, encoder):
     return EmbeddingCache(ctx.store, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
                           pooling=config.encoder.pooling, dtype="fp32")
@@ -76,9 +83,7 @@ def corrupt_vectors(store, shard_prefix):
 def test_a_corrupt_shard_is_skipped_and_its_rows_encoded_again(ctx, tmp_path, tiny_encoder_path, small_shards,
                                                                 caplog):
     config = config_for(write_data(tmp_path), tiny_encoder_path)
-    encoder = stages.resolve_encoder_stage(ctx, config)
-    validated = stages.validate_stage(ctx, config, stages.ingest_stage(ctx, config))
-    tokens = stages.tokenize_stage(ctx, config, validated, encoder)
+    encoder, validated, tokens = stages_to_tokens(ctx, config)
     first = stages.embed_stage(ctx, config, tokens, encoder)
     assert first["cached"] == 0
 
@@ -115,9 +120,7 @@ def test_a_corrupt_shard_found_by_a_read_is_marked_and_healed_by_the_next_embed(
     from tasks.policy import is_transient
 
     config = config_for(write_data(tmp_path, n=100, seed=1), tiny_encoder_path)
-    encoder = stages.resolve_encoder_stage(ctx, config)
-    validated = stages.validate_stage(ctx, config, stages.ingest_stage(ctx, config))
-    tokens = stages.tokenize_stage(ctx, config, validated, encoder)
+    encoder, validated, tokens = stages_to_tokens(ctx, config)
     stages.embed_stage(ctx, config, tokens, encoder)
     cache = cache_of(ctx, config, encoder)
     bad_rows = corrupt_vectors(ctx.store, shard_manifests(ctx.store, cache)[0].rsplit("/", 1)[0])
@@ -143,9 +146,7 @@ def run_cli(args, env, cwd):
 def test_cache_verify_lists_then_repairs_corrupt_shards_and_orphans(ctx, test_settings, tmp_path, tiny_encoder_path,
                                                                     small_shards):
     config = config_for(write_data(tmp_path, n=100, seed=2), tiny_encoder_path)
-    encoder = stages.resolve_encoder_stage(ctx, config)
-    validated = stages.validate_stage(ctx, config, stages.ingest_stage(ctx, config))
-    tokens = stages.tokenize_stage(ctx, config, validated, encoder)
+    encoder, validated, tokens = stages_to_tokens(ctx, config)
     stages.embed_stage(ctx, config, tokens, encoder)
     cache = cache_of(ctx, config, encoder)
     manifests = shard_manifests(ctx.store, cache)

@@ -201,6 +201,15 @@ def console_logs(monkeypatch) -> list[str]:
     return lines
 
 
+def tiny_film_config(tmp_path, encoder_path, name: str, *, rows: int):
+    """A two-class config over ``rows`` short texts and the tiny encoder (no serving smoke test)."""
+    frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(rows)],
+                          "label": ["pos" if i % 2 else "neg" for i in range(rows)]})
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    return build_config({"name": name, "data": {"train": str(tmp_path / "train.csv")},
+                         "encoder": {"ref": str(encoder_path), "max_length": 16}, "gate": {"smoke_test": False}})
+
+
 def test_a_real_run_leaks_no_credentials_and_needs_only_the_granted_s3_actions(
         flow_env, tmp_path, tiny_encoder_path, test_settings, stack_services, console_logs, monkeypatch):
     """One real run, two audits: no S3 key in anything it leaves behind, and every S3 request it sends is one
@@ -210,12 +219,7 @@ def test_a_real_run_leaks_no_credentials_and_needs_only_the_granted_s3_actions(
 
     s3_calls = record_s3_calls(monkeypatch)
 
-    frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(60)],
-                          "label": ["pos" if i % 2 else "neg" for i in range(60)]})
-    frame.to_csv(tmp_path / "train.csv", index=False)
-    config = build_config({"name": "security-grep", "data": {"train": str(tmp_path / "train.csv")},
-                           "encoder": {"ref": str(tiny_encoder_path), "max_length": 16},
-                           "gate": {"smoke_test": False}})
+    config = tiny_film_config(tmp_path, tiny_encoder_path, "security-grep", rows=60)
     summary = retrain(config)
     run_id = summary["run_id"]
     from mlflow import MlflowClient
@@ -393,12 +397,7 @@ def test_a_registered_model_is_safetensors_json_and_code_without_pickles(
 
     from flows.retrain import retrain
 
-    frame = pd.DataFrame({"text": [f"good film {i}" if i % 2 else f"bad film {i}" for i in range(40)],
-                          "label": ["pos" if i % 2 else "neg" for i in range(40)]})
-    frame.to_csv(tmp_path / "train.csv", index=False)
-    config = build_config({"name": "no-pickle", "data": {"train": str(tmp_path / "train.csv")},
-                           "encoder": {"ref": str(tiny_encoder_path), "max_length": 16},
-                           "gate": {"smoke_test": False}})
+    config = tiny_film_config(tmp_path, tiny_encoder_path, "no-pickle", rows=40)
     summary = retrain(config)
     model_uri = f"models:/no-pickle/{summary['version']}"
     local = Path(download_artifacts(model_uri, dst_path=str(tmp_path / "model"),
