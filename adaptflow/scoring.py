@@ -255,7 +255,7 @@ def read_scored(output: str, *, store=None):
 # ----------------------------------------------------------------------------------------------- input
 
 
-def _partition_batches(part: dict, ctx: StageContext, chunk_rows: int) -> Iterator[pa.Table]:
+def partition_batches(part: dict, ctx: StageContext, chunk_rows: int) -> Iterator[pa.Table]:
     """The partition's rows, every column plus its Hive keys, in tables of at most ``chunk_rows`` rows.
 
     Raises:
@@ -323,12 +323,13 @@ class _Counters:
 class _Scorer:
     """One model's head, cache and (lazily loaded) encoder, applied chunk by chunk."""
 
-    def __init__(self, ctx: StageContext, model: ScoringModel, request: ScoreRequest, device: str):
+    def __init__(self, ctx: StageContext, model: ScoringModel, request: ScoreRequest, device: str, sample=None):
         from adaptflow.cache import EmbeddingCache
         from adaptflow.embed import resolve_dtype
         from adaptflow.heads import load_head
 
         self.ctx, self.model, self.request, self.device = ctx, model, request, device
+        self.sample = sample  # a drift_check.TextSample fed with every scored text, or None
         resolve_dtype(model.dtype, device)  # a tag this code cannot encode in fails here, not mid-run
         self.cache = EmbeddingCache(ctx.store, **model.cache_spec())
         with tempfile.TemporaryDirectory() as tmp:
@@ -407,6 +408,8 @@ class _Scorer:
                    for t, v in zip(texts, raw)]
         good = np.fromiter((r is None for r in reasons), dtype=bool, count=n)
         good_rows = np.flatnonzero(good)
+        if self.sample is not None:
+            self.sample.add(texts[i] for i in good_rows)
         vectors, inverse = self.vectors([texts[i] for i in good_rows])
         proba = np.full((n, len(self.labels)), np.nan)
         label_index = np.zeros(n, dtype=np.int64)
@@ -436,11 +439,12 @@ class _Scorer:
 
 
 def score_location(ctx: StageContext, request: ScoreRequest, model: ScoringModel | None = None, *,
-                   chunk_rows: int = CHUNK_ROWS) -> dict:
+                   chunk_rows: int = CHUNK_ROWS, sample=None) -> dict:
     """Score every partition of ``request.input`` with ``request.model_uri`` into ``request.output``.
 
     Partitions already published for this model version and input ETag are skipped; an unreadable partition
     fails the run (DataError naming it) or, with ``on_bad_partition="skip"``, is left out and listed.
+    ``sample`` (an ``adaptflow.drift_check.TextSample``) receives every scored text: the drift check's new rows.
 
     Returns:
         The summary: model, partitions scored / skipped / bad, rows, embeddings encoded vs from cache, rows/s,
@@ -523,10 +527,10 @@ def score_location(ctx: StageContext, request: ScoreRequest, model: ScoringModel
                     f"{done['meta'].get('input', {}).get('etag')} then, {part['etag']} now); remove that prefix to "
                     f"score the partition again"))
             continue
-        scorer = scorer or _Scorer(ctx, model, request, device)
+        scorer = scorer or _Scorer(ctx, model, request, device, sample)
         counted = (scorer.counters.rows, scorer.counters.bad_rows)
         try:
-            chunks = _partition_batches(part, ctx, chunk_rows)
+            chunks = partition_batches(part, ctx, chunk_rows)
             first = next(chunks)
             scorer.check(first, part["path"])
             second = next(chunks, None)
@@ -575,4 +579,4 @@ def model_from_dict(data: dict) -> ScoringModel:
 
 
 __all__ = ["CHUNK_ROWS", "DATA_OBJECT", "ScoreRequest", "ScoringModel", "list_scored", "model_dict", "model_from_dict",
-           "output_prefix", "read_scored", "resolve_model", "score_location"]
+           "output_prefix", "partition_batches", "read_scored", "resolve_model", "score_location"]

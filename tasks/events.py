@@ -5,6 +5,7 @@
 | ``adaptflow.data.changed`` | ``adaptflow.config.<config uri>`` | ``config_uri``, ``new``, ``changed``, ``removed`` partitions |
 | ``adaptflow.model.promoted`` / ``.rejected`` / ``.held`` | ``adaptflow.model.<name>`` | ``model_name``, ``version``, ``reason``, ``metric``, ``delta``, ``champion_version`` |
 | ``adaptflow.retrain.failed`` | ``adaptflow.model.<name>`` (or the config) | ``model_name``, ``version`` (null), ``reason``, ``flow_run_id`` |
+| ``adaptflow.drift.detected`` | ``adaptflow.model.<name>`` | ``model_name``, ``version``, ``score``, ``ci_low``, ``ci_high``, ``label_psi``, ``input``, ``reasons``, ``monitoring_run_id`` |
 
 Emitted inside a flow run, Prefect relates each event to that flow run, its flow and deployment. Events are
 Prefect's, so they live here and not in the library.
@@ -18,6 +19,7 @@ from prefect.events import emit_event
 
 DATA_CHANGED = "adaptflow.data.changed"
 RETRAIN_FAILED = "adaptflow.retrain.failed"
+DRIFT_DETECTED = "adaptflow.drift.detected"
 OUTCOMES = {"promote": "adaptflow.model.promoted", "reject": "adaptflow.model.rejected", "hold": "adaptflow.model.held"}
 
 
@@ -56,6 +58,16 @@ def emit_failed(model_name: str | None, reason: str, *, flow_run_id: str | None 
     event = emit_event(RETRAIN_FAILED, resource=resource,
                        payload={"model_name": model_name, "version": None, "reason": reason[:4000],
                                 "flow_run_id": flow_run_id, "config_uri": config_uri})
+    return str(event.id) if event else None
+
+
+def emit_drift_detected(drift: dict, monitoring_run_id: str | None = None) -> str | None:
+    """``adaptflow.drift.detected`` for the model version a drift check found drifted (the ``drift`` report)."""
+    payload = {"model_name": drift["model_name"], "version": str(drift["model_version"]),
+               "label_psi": drift["label_shift"]["psi"], "monitoring_run_id": monitoring_run_id,
+               **{k: drift.get(k) for k in ("score", "ci_low", "ci_high", "input", "reasons")}}
+    event = emit_event(DRIFT_DETECTED, resource={**model_resource(drift["model_name"]),
+                                                 "adaptflow.version": str(drift["model_version"])}, payload=payload)
     return str(event.id) if event else None
 
 

@@ -1,4 +1,4 @@
-"""The ``adaptflow`` command line: stack, encoder, retrain, predict."""
+"""The ``adaptflow`` command line: stack, encoder, retrain, predict, score, drift."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from adaptflow.cli.cache import app as cache_app  # noqa: E402
 from adaptflow.cli.deploy import deploy, worker  # noqa: E402
+from adaptflow.cli.drift import drift  # noqa: E402
 from adaptflow.cli.encoder import app as encoder_app  # noqa: E402
 from adaptflow.cli.models import app as models_app, promote, rollback  # noqa: E402
 from adaptflow.cli.predict import predict  # noqa: E402
@@ -34,6 +35,7 @@ app.add_typer(models_app, name="models", help="Registered models: versions, deci
 app.command()(retrain)
 app.command()(predict)
 app.command()(score)
+app.command()(drift)
 app.command()(promote)
 app.command()(rollback)
 app.command()(deploy)

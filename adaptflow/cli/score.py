@@ -25,13 +25,18 @@ def score(
     on_bad_partition: Annotated[str, typer.Option("--on-bad-partition", help="fail: an unreadable partition fails "
                                                   "the run; skip: it is left out and reported.")] = "fail",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    drift: Annotated[bool, typer.Option("--drift/--no-drift", help="Check the scored rows for drift against the "
+                                        "model's training rows (see `adaptflow drift`).")] = True,
+    drift_threshold: Annotated[float, typer.Option("--drift-threshold", help="Drifted when the domain "
+                                                   "classifier's AUC lower bound exceeds this.")] = 0.6,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Score every partition of --input with a registered model into --output (Parquet, manifest last).
 
     One output partition per input partition under <output>/model=<name>/version=<v>/; partitions already
-    scored by this version are skipped. Vectors come from (and go into) the retrain's embedding cache.
+    scored by this version are skipped. Vectors come from (and go into) the retrain's embedding cache. The
+    rows scored are then checked for drift (`adaptflow drift` on them; --no-drift skips it).
     Exit codes: 0 success, 2 bad input (the message names the partition), 1 a service or runtime fault.
     """
     try:
@@ -48,7 +53,8 @@ def score(
         from flows.score import score as score_flow
 
         quiet_console_tracebacks()
-        summary = score_flow(**request.model_dump(exclude={"tokens_per_batch"}))
+        summary = score_flow(**request.model_dump(exclude={"tokens_per_batch"}), drift=drift,
+                             drift_threshold=drift_threshold)
     except Exception as exc:  # noqa: BLE001 — every failure ends as one readable paragraph
         raise fail(exc, what=f"score {model_uri}") from None
     if as_json:
@@ -69,3 +75,7 @@ def print_summary(summary: dict) -> None:
           f"{emb['tokens_per_s'] or 0:.0f} tokens/s)")
     for item in summary["bad_partitions"]:
         print(f"  left out: {item['reason']}")
+    if summary.get("drift"):
+        from adaptflow.cli.drift import print_drift
+
+        print_drift(summary["drift"]["drift"])
