@@ -14,6 +14,8 @@ decision rests on a p-value alone):
   training sample (and, reported, against the training labels), as the population stability index (PSI; 0.1
   "moderate", 0.25 "major" in credit-scoring practice; ``label_shift_psi`` flags it), and the share of
   low-confidence predictions (top probability below ``low_confidence``) on the new rows and on the training sample.
+  Shifted when the PSI exceeds ``label_shift_psi`` and a chi-square test of the two count vectors rejects
+  equality at ``label_shift_alpha`` (at 50 rows a side a PSI of 0.2 is often noise; at 5,000 never).
 - **input health** of the new rows: token length quantiles, the share truncated at ``max_length`` and the share
   of unknown tokens.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import norm, rankdata
+from scipy.stats import chi2_contingency, norm, rankdata
 
 MIN_ROWS = 20  # fewer rows on either side: no verdict (``drifted`` False, ``note`` says why)
 
@@ -41,6 +43,8 @@ class DriftRules(BaseModel):
     folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the domain classifier")
     label_shift_psi: float = Field(0.2, gt=0, description="prediction drift flagged when the PSI of the predicted "
                                    "labels vs the training labels exceeds this")
+    label_shift_alpha: float = Field(0.01, gt=0, lt=0.5, description="level of the chi-square test that must also "
+                                     "reject for a prediction drift (keeps small samples' noise from deciding)")
     low_confidence: float = Field(0.6, gt=0, lt=1, description="a prediction whose top probability is below this "
                                   "counts as low-confidence")
     seed: int = 13
@@ -131,7 +135,13 @@ def prediction_drift(labels: list[str], train_counts: dict[str, int], new_proba:
     train = np.asarray([train_counts.get(label, 0) for label in labels], dtype=np.float64)
     new, reference = predicted(new_proba), predicted(reference_proba)
     value = psi_or_none(reference, new)
-    return {"psi": value, "shifted": bool(value is not None and value > rules.label_shift_psi),
+    p_value = None
+    if value is not None:
+        seen = (new + reference) > 0  # classes neither sample predicts carry no information
+        p_value = float(chi2_contingency(np.stack([reference[seen], new[seen]]))[1]) if seen.sum() > 1 else 1.0
+    # the effect size decides, the test only keeps a small sample's noise from deciding (PSI has no error bar)
+    shifted = bool(value is not None and value > rules.label_shift_psi and p_value < rules.label_shift_alpha)
+    return {"psi": value, "shifted": shifted, "p_value": None if p_value is None else round(p_value, 6),
             "threshold": rules.label_shift_psi, "psi_vs_training_labels": psi_or_none(train, new),
             "train": shares(train), "train_predicted": shares(reference), "predicted": shares(new),
             "low_confidence": {"below": rules.low_confidence, "new": low(new_proba), "train": low(reference_proba)}}

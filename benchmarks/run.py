@@ -30,8 +30,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from benchmarks.common import REPO, Row, Runner, Services, loadavg, log, machine_info, rmtree, services  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["vs_seed", "incremental", "encoder", "overhead", "noop", "memory", "gpu"]
-NEEDS_SERVICES = {"vs_seed", "incremental", "overhead", "noop", "memory"}
+ORDER = ["vs_seed", "incremental", "encoder", "overhead", "noop", "memory", "drift", "gpu"]
+NEEDS_SERVICES = {"vs_seed", "incremental", "overhead", "noop", "memory", "drift"}
 
 
 @dataclass
@@ -45,11 +45,11 @@ class Context:
 
 
 def _bench(name: str):
-    from benchmarks import bench_encoder, bench_pipeline
+    from benchmarks import bench_encoder, bench_pipeline, drift
 
     return {"vs_seed": bench_pipeline.bench_vs_seed, "incremental": bench_pipeline.bench_incremental,
             "overhead": bench_pipeline.bench_overhead, "memory": bench_pipeline.bench_memory,
-            "noop": bench_pipeline.bench_noop,
+            "noop": bench_pipeline.bench_noop, "drift": drift.bench_drift,
             "encoder": bench_encoder.bench_encoder, "gpu": bench_encoder.bench_gpu}[name]
 
 

@@ -5,6 +5,8 @@
 - ``retrain-from-config/retrain-on-demand``: the same flow without a schedule, also one at a time.
 - ``watch-data/watch-data``: every 10 minutes, lists the config's data partitions; new or changed ones emit
   ``adaptflow.data.changed``, on which ``retrain-on-demand`` has a trigger (``prefect.yaml`` declares the same).
+  A second trigger starts it on ``adaptflow.drift.detected`` for the config's model (a scoring run or
+  ``adaptflow drift`` found the new rows unlike the training rows); with no new labelled rows it registers nothing.
 - ``embed-shard/gpu``: one part of the embed step when the rows to encode exceed ``orchestration.shard_rows``
   (``ADAPTFLOW_SHARD_DEPLOYMENT`` in the parents' job variables); each part holds a slot of ``gpu``.
 - ``score/score-nightly`` (``deploy_scoring``): batch scoring of a lake with ``models:/NAME@champion``, pool
@@ -40,6 +42,8 @@ SHARD_DEPLOYMENT = f"{SHARD_FLOW}/gpu"
 NIGHTLY_CRON = "0 2 * * *"
 WATCH_INTERVAL_S = 600  # watch-data's schedule (prefect.yaml says the same)
 DATA_CHANGED_WINDOW_S = 300  # one retrain per burst of adaptflow.data.changed events
+DRIFT_DETECTED = "adaptflow.drift.detected"
+DRIFT_WINDOW_S = 3600  # one retrain per hour of drift events, however many scoring runs report it
 
 
 def data_changed_trigger(config_uri: str) -> DeploymentEventTrigger:
@@ -49,6 +53,14 @@ def data_changed_trigger(config_uri: str) -> DeploymentEventTrigger:
         name="retrain-when-data-lands", description="adaptflow.data.changed for this config starts one retrain",
         match={"prefect.resource.id": f"adaptflow.config.{config_uri}"}, expect={"adaptflow.data.changed"},
         posture="Reactive", threshold=1, within=DATA_CHANGED_WINDOW_S, parameters={"config_uri": config_uri})
+
+
+def drift_detected_trigger(model_name: str, config_uri: str) -> DeploymentEventTrigger:
+    """retrain-on-demand's second trigger: ``adaptflow.drift.detected`` for the config's model starts one run."""
+    return DeploymentEventTrigger(
+        name="retrain-on-drift", description=f"{DRIFT_DETECTED} for this config's model starts one retrain",
+        match={"prefect.resource.id": f"adaptflow.model.{model_name}"}, expect={DRIFT_DETECTED},
+        posture="Reactive", threshold=1, within=DRIFT_WINDOW_S, parameters={"config_uri": config_uri})
 
 
 def ensure_pools(pool_type: str = "process") -> None:
@@ -74,6 +86,9 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
         source: where workers load the flow code from (this checkout by default).
         gpu: route embed + fit head through the ``gpu`` pool; False runs them inline on the cpu worker.
     """
+    from adaptflow.config import load_config
+
+    model_name = load_config(config_uri).name  # what drift events name
     ensure_pools(pool_type)
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     job_env = {"env": {"ADAPTFLOW_GPU_DEPLOYMENT": GPU_DEPLOYMENT,
@@ -85,7 +100,7 @@ def deploy(config_uri: str, *, cron: str = NIGHTLY_CRON, timezone: str = "UTC", 
     parent.deploy(name="retrain-on-demand", work_pool_name="cpu", parameters={"config_uri": config_uri},
                   concurrency_limit=one_at_a_time, job_variables=job_env, print_next_steps=False,
                   description="Retrain on request (same flow, no schedule)", tags=["adaptflow"],
-                  triggers=[data_changed_trigger(config_uri)])
+                  triggers=[data_changed_trigger(config_uri), drift_detected_trigger(model_name, config_uri)])
     names = ["retrain-from-config/retrain-nightly", "retrain-from-config/retrain-on-demand"]
     watcher = watch_data.from_source(source=str(source), entrypoint="flows/watch_data.py:watch_data")
     watcher.deploy(name="watch-data", work_pool_name="cpu", interval=WATCH_INTERVAL_S,

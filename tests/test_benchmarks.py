@@ -21,6 +21,7 @@ def test_smoke_runs_every_row(services_env, prefect_harness, tmp_path):
     assert rows["memory"]["data"]["peak_rss_mb"]["1x"] > 0  # a child process, measured by wait4
     assert rows["vs_seed"]["data"]["seed"]["extrapolated"] and rows["vs_seed"]["data"]["ratio"] > 0
     assert rows["encoder"]["data"]["runs"]["bf16"]["ceiling_tokens_per_s"] > 0
+    assert len(rows["drift"]["data"]["halves_auc"]) == 20 and rows["drift"]["data"]["scored_rows"] == 300
     md = bench.markdown(doc)
     assert md.count("\n| ") == 2 + len(bench.ORDER) and "SMOKE MODE" in md
     json.dumps(doc, default=str)

@@ -59,6 +59,11 @@ def test_prediction_drift_psi_and_low_confidence():
     # a head that favours one class does so on its training rows too: no shift, whatever the labels say
     biased = prediction_drift(["neg", "pos"], {"neg": 50, "pos": 50}, proba, proba[::-1], DriftRules())
     assert not biased["shifted"] and biased["psi"] == 0.0 and biased["psi_vs_training_labels"] > 0.25
+    # a large PSI on a handful of rows is not evidence: the chi-square test holds it back
+    neg, pos = [0.8, 0.2], [0.2, 0.8]
+    few = prediction_drift(["neg", "pos"], {"neg": 5, "pos": 5}, np.array([neg] * 4 + [pos] * 2),
+                           np.array([neg] * 2 + [pos] * 4), DriftRules())
+    assert few["psi"] > 0.2 and few["p_value"] > 0.05 and not few["shifted"]
 
 
 def test_input_health_counts_truncation_and_unknown_tokens():
@@ -237,3 +242,22 @@ def test_drift_command_flags_another_domain_and_emits_the_event(drift_model, dri
 
     bad = CliRunner().invoke(app, ["drift", "models:/drift-test/1", "--input", str(tmp_path / "none"), "--json"])
     assert bad.exit_code == 2 and "none" in bad.output
+
+
+def test_adaptflow_deploy_retrains_the_configs_model_on_drift(prefect_harness, tmp_path):
+    """`adaptflow deploy CONFIG` gives retrain-on-demand the trigger prefect.yaml declares: the drift event of the
+    config's model starts it."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.deploy import deploy
+
+    config = tmp_path / "reviews.yaml"
+    config.write_text("name: drift-deployed\ndata:\n  train: reviews.csv\n")
+    assert "retrain-from-config/retrain-on-demand" in deploy(str(config), gpu=False)
+    with get_client(sync_client=True) as client:
+        on_demand = client.read_deployment_by_name("retrain-from-config/retrain-on-demand")
+        (automation,) = [a for a in client.read_automations() if a.name == "retrain-on-drift"]
+    assert automation.trigger.expect == {"adaptflow.drift.detected"}
+    assert automation.trigger.match.model_dump()["prefect.resource.id"] == "adaptflow.model.drift-deployed"
+    assert automation.actions[0].deployment_id == on_demand.id
+    assert automation.actions[0].parameters == {"config_uri": str(config)}

@@ -99,9 +99,10 @@ def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
     from prefect.flows import Flow
     from prefect.utilities.templating import apply_values
 
-    from deployments.deploy import POOLS, data_changed_trigger
+    from deployments.deploy import POOLS, data_changed_trigger, drift_detected_trigger
 
     monkeypatch.setenv("ADAPTFLOW_CONFIG", "s3://configs/reviews.yaml")
+    monkeypatch.setenv("ADAPTFLOW_MODEL", "reviews")
     raw = apply_values(yaml.safe_load((ROOT / "prefect.yaml").read_text()), {})  # what `prefect deploy` resolves
     model = PrefectYamlModel.model_validate(raw)
     deployments = {d.name: d for d in model.deployments}
@@ -119,8 +120,9 @@ def test_prefect_yaml_declares_the_deployments_and_the_trigger(monkeypatch):
     assert deployments["watch-data"].schedules[0].interval.total_seconds() == 600
     assert deployments["retrain-on-demand"].concurrency_limit.collision_strategy == "ENQUEUE"
     assert deployments["retrain-on-demand"].parameters == {"config_uri": "s3://configs/reviews.yaml"}
-    (trigger,) = [DeploymentEventTrigger.model_validate(t) for t in deployments["retrain-on-demand"].triggers]
-    assert trigger == data_changed_trigger("s3://configs/reviews.yaml")  # adaptflow deploy makes the same one
+    data, drift = [DeploymentEventTrigger.model_validate(t) for t in deployments["retrain-on-demand"].triggers]
+    assert data == data_changed_trigger("s3://configs/reviews.yaml")  # adaptflow deploy makes the same ones
+    assert drift == drift_detected_trigger("reviews", "s3://configs/reviews.yaml")
 
 
 @pytest.mark.slow
@@ -145,7 +147,7 @@ def test_uploaded_partition_retrains_once_and_quiet_ticks_do_nothing(test_settin
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "MLFLOW_"))},
            **test_settings.process_env(), "ADAPTFLOW_BUCKET": fresh_bucket, "PREFECT_API_URL": api,
            "PREFECT_WORKER_QUERY_SECONDS": "1", "HF_HUB_OFFLINE": "1", "ADAPTFLOW_STATE_DIR": str(tmp_path / "none"),
-           "ADAPTFLOW_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+           "ADAPTFLOW_CONFIG": str(config), "ADAPTFLOW_MODEL": "lake-test", "PYTHONPATH": str(ROOT)}
     workers = []
     try:
         for args in (["-m", "deployments.deploy", "--pools"], ["-m", "prefect", "--no-prompt", "deploy", "--all"]):
