@@ -4,7 +4,8 @@ One stratified validation hold-out (``VAL_FRACTION`` of the training rows) serve
 
 1. linear: its learning curve, fit (uncalibrated: accuracy does not depend on the temperature) on
    ``CURVE_FRACTIONS`` of the remaining rows, train and validation accuracy at each point. When the two are within
-   ``auto_max_gap`` at the full size, the head underfits: more capacity may help, so
+   ``auto_max_gap`` at the full size (or within sampling noise: :func:`underfit_tolerance`), the head underfits:
+   more capacity may help, so
 2. mlp: fit like ``kind: mlp`` on the same rows, scored on the same hold-out. When it gains less than
    ``auto_min_gain`` over the linear head and some of ``budget_s`` is left,
 3. lora: a pluggable trial (:data:`LoraTrial`, e.g. adapters on the encoder), given the same rows and the
@@ -18,6 +19,7 @@ seconds for the stage's report and the MLflow run (:func:`selection_metrics`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Trial:
     seconds: float
     train_rows: int
     curve: list[dict] = field(default_factory=list)  # {"fraction", "rows", "train_accuracy", "val_accuracy"}
+    tolerance: float | None = None  # linear: the gap under which it underfits (underfit_tolerance)
     payload: Any = None  # what the trial made that the caller may reuse (e.g. a LoRA adapter); not reported
 
     def report(self) -> dict:
@@ -51,6 +54,8 @@ class Trial:
                "seconds": self.seconds, "train_rows": self.train_rows, "curve": self.curve}
         if self.train_accuracy is not None:
             out["gap"] = round(self.train_accuracy - self.val_accuracy, 5)
+        if self.tolerance is not None:
+            out["tolerance"] = self.tolerance
         return out
 
 
@@ -102,6 +107,12 @@ def nested_fractions(y: np.ndarray, fractions: tuple[float, ...], rng: np.random
     order = {c: rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)}
     return [np.sort(np.concatenate([idx[: max(1, round(f * len(idx)))] for idx in order.values()]))
             for f in fractions]
+
+
+def underfit_tolerance(max_gap: float, val_accuracy: float, val_rows: int) -> float:
+    """The train-minus-validation accuracy gap under which a head underfits: ``max_gap``, or two standard errors
+    of the validation accuracy when that is wider (on a small hold-out the gap is mostly sampling noise)."""
+    return max(max_gap, 2 * math.sqrt(val_accuracy * (1 - val_accuracy) / max(val_rows, 1)))
 
 
 def _gather(X: np.ndarray | RowFile, rows: np.ndarray) -> np.ndarray:
@@ -177,20 +188,22 @@ def select_head(
     trials["linear"] = Trial("linear", full["val_accuracy"], full["train_accuracy"], round(clock() - started, 3),
                              len(train_rows), curve)
     gap = full["train_accuracy"] - full["val_accuracy"]
+    tolerance = underfit_tolerance(config.auto_max_gap, full["val_accuracy"], len(val_rows))
+    trials["linear"].tolerance = round(tolerance, 5)
 
     # 2. mlp, when the linear head underfits
-    if gap >= config.auto_max_gap:
+    if gap >= tolerance:
         skipped["mlp"] = skipped["lora"] = "the linear head does not underfit"
         decide(f"linear train acc {full['train_accuracy']:.4f} vs val acc {full['val_accuracy']:.4f}: gap "
-               f"{gap:.4f} >= {config.auto_max_gap:g}, it does not underfit; a larger head would fit the noise, "
+               f"{gap:.4f} >= {tolerance:.4f}, it does not underfit; a larger head would fit the noise, "
                f"not the signal: no step-up")
     elif elapsed() >= config.budget_s:
         skipped["mlp"] = skipped["lora"] = f"budget_s {config.budget_s:g} spent"
-        decide(f"linear underfits (gap {gap:.4f} < {config.auto_max_gap:g}) but the budget of "
+        decide(f"linear underfits (gap {gap:.4f} < {tolerance:.4f}) but the budget of "
                f"{config.budget_s:g}s is spent ({elapsed():.1f}s): no MLP")
     else:
         decide(f"linear underfits: train acc {full['train_accuracy']:.4f} vs val acc {full['val_accuracy']:.4f}, "
-               f"gap {gap:.4f} < {config.auto_max_gap:g}: trying the MLP")
+               f"gap {gap:.4f} < {tolerance:.4f}: trying the MLP")
         started = clock()
         fit = fit_head(Xtr, ytr, n_classes, candidate_config(config, "mlp"), device=device, log=None)
         trials["mlp"] = Trial("mlp", round(_accuracy(fit.head, Xva, yva), 5), round(_accuracy(fit.head, Xtr, ytr), 5),
