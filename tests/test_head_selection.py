@@ -45,7 +45,7 @@ class FakeLora:
         return Trial("lora", self.val_accuracy, None, 0.0, len(train_rows), payload={"adapter": b"..."})
 
 
-AUTO = dict(kind="auto", epochs=40, lr=1e-2)
+AUTO = dict(kind="auto", epochs=40, lr=1e-2, hidden_dim=32, batch_size=128)
 
 
 def test_an_underfitting_linear_head_steps_up_to_the_mlp_that_gains_enough_and_lora_is_not_tried():
@@ -148,3 +148,29 @@ def test_config_takes_auto_and_checks_its_settings():
     for bad in ({"budget_s": 0}, {"auto_min_gain": 2}, {"auto_max_gap": -0.1}):
         with pytest.raises(ConfigError, match=f"head.{next(iter(bad))}"):
             build_config({**base, "head": {"kind": "auto", **bad}})
+
+
+def test_rows_streamed_from_a_rowfile_and_a_sample_of_large_sets_are_indexed_as_the_callers_rows(tmp_path,
+                                                                                                 monkeypatch):
+    from adaptflow.rowfile import RowFile
+
+    X, y = linear_blobs(n=400)
+    config = HeadConfig(**AUTO, auto_min_gain=0.5)
+    in_memory = select_head(X, y, 2, config, log=None, lora=FakeLora(0.5))
+    with RowFile(tmp_path / "x.f32", len(X), X.shape[1]) as rows:
+        rows[np.arange(len(X))] = X
+        streamed = select_head(rows, y, 2, config, log=None, lora=(lora := FakeLora(0.5)))
+
+    def evidence(sel):  # everything but the seconds
+        return sel.choice, {kind: (t.val_accuracy, t.train_accuracy, [(p["rows"], p["train_accuracy"],
+                                                                         p["val_accuracy"]) for p in t.curve])
+                            for kind, t in sel.trials.items()}
+
+    assert evidence(streamed) == evidence(in_memory) and set(streamed.trials) == {"linear", "mlp", "lora"}
+
+    monkeypatch.setattr(selection_module, "MAX_ROWS", 100)  # above it, the trials use a stratified sample
+    sampled = select_head(X, y, 2, config, log=None, lora=lora)
+    (train_rows, val_rows, _), = lora.calls[1:]
+    assert sampled.train_rows + sampled.val_rows == 100 and len(train_rows) + len(val_rows) == 100
+    assert len(np.intersect1d(train_rows, val_rows)) == 0 and max(train_rows.max(), val_rows.max()) < len(y)
+    assert abs(np.mean(y[np.concatenate([train_rows, val_rows])]) - np.mean(y)) < 0.03
