@@ -72,9 +72,15 @@ class HeadSection(_Section):
     training rows: probabilities change, predictions do not. ``solver: adamw`` (the only one for ``mlp``)
     trains with mini-batches instead: a stratified hold-out picks the epoch count by early stopping, then the
     head is refit on all rows for that many epochs.
+
+    ``kind: auto`` steps up only when the simpler head falls short (adaptflow.head_selection): the linear head's
+    learning curve on a stratified validation hold-out; if its train and validation accuracy are within
+    ``auto_max_gap`` (it underfits) the MLP is tried; if the MLP gains less than ``auto_min_gain`` and time is
+    left of ``budget_s``, LoRA; the best on validation is then trained on every row as that kind would be.
+    The other settings apply to each candidate as they would to that kind (``solver: lbfgs`` to the linear one).
     """
 
-    kind: Literal["linear", "mlp"] = "linear"  # mlp: Linear-GELU-Dropout-Linear
+    kind: Literal["linear", "mlp", "auto"] = "linear"  # mlp: Linear-GELU-Dropout-Linear; auto: see above
     solver: Literal["lbfgs", "adamw"] | None = Field(None, description="unset: lbfgs for linear, adamw for mlp")
     C: float = Field(1.0, gt=0, allow_inf_nan=False, description="lbfgs: inverse L2 strength, as sklearn's C")
     calibrate: StrictBool = Field(True, description="lbfgs: divide the logits by a cross-validated temperature")
@@ -92,6 +98,15 @@ class HeadSection(_Section):
                                 description="adamw: stratified hold-out for early stopping (0: all epochs, no refit)")
     patience: int = Field(10, ge=1, description="adamw: epochs without a better validation loss before stopping")
     normalize: StrictBool = Field(True, description="L2-normalise inputs (the reference recipe)")
+    budget_s: float = Field(600.0, gt=0, allow_inf_nan=False,
+                            description="auto: seconds the candidate trials may take together; a candidate starts "
+                            "only while some are left (LoRA is given what remains)")
+    auto_max_gap: float = Field(0.05, ge=0, le=1, allow_inf_nan=False,
+                                description="auto: the linear head underfits (the MLP is tried) when its train "
+                                "accuracy exceeds its validation accuracy by less than this")
+    auto_min_gain: float = Field(0.01, ge=0, le=1, allow_inf_nan=False,
+                                 description="auto: validation accuracy the MLP must gain over the linear head "
+                                 "for LoRA not to be tried")
 
     @model_validator(mode="after")
     def _solver_fits_kind(self):

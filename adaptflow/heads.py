@@ -143,6 +143,9 @@ def fit_head(
     shuffles rows within a block; either way one block is in memory instead of all of X.
     """
     cfg = config or HeadConfig()
+    if cfg.kind == "auto":
+        raise ValueError("kind 'auto' is a choice between heads, not a head: adaptflow.head_selection.select_head "
+                         "picks the kind, then fit_head trains it")
     streamed = isinstance(X, RowFile)
     if not streamed:
         # require(W): torch.from_numpy needs a writable array; copies only when the input is read-only or strided

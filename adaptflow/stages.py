@@ -323,7 +323,11 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
 
 
 def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict) -> dict:
-    """Fit the head on cached embeddings; store its weights (safetensors) and training history."""
+    """Fit the head on cached embeddings; store its weights (safetensors) and training history.
+
+    ``head.kind: auto`` first picks the kind (adaptflow.head_selection), then fits it as that kind alone would
+    be; the choice, its reasons, the curves and each candidate's seconds go to ``selection.json`` and ``auto``.
+    """
     from adaptflow.heads import HeadConfig, fit_head, save_head
 
     head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
@@ -331,19 +335,28 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
     meta = _cached(ctx, prefix)
     if meta is None:
         labels = validated["labels"]
+        device = resolve_device(config.encoder.device)
         with tempfile.TemporaryDirectory() as tmp:
             X, y = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
                            seed=config.seed)
-            fit = fit_head(X, y, len(labels), head_config, device=resolve_device(config.encoder.device),
-                           log=log.info)
+            fit_config, selection = head_config, None
+            if head_config.kind == "auto":
+                from adaptflow.head_selection import candidate_config, select_head
+
+                selection = select_head(X, y, len(labels), head_config, device=device, log=log.info, lora=None)
+                fit_config = candidate_config(head_config, selection.choice)
+            fit = fit_head(X, y, len(labels), fit_config, device=device, log=log.info)
             del X
             path = Path(tmp) / "head.safetensors"
             save_head(fit.head, path, labels)
-            meta = _publish_once(ctx, prefix, {
-                "head.safetensors": path.read_bytes(),
-                "history.json": json.dumps(fit.history).encode(),
-            }, {"best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 3), "labels": labels,
-                "config": vars(head_config)})
+            objects = {"head.safetensors": path.read_bytes(), "history.json": json.dumps(fit.history).encode()}
+            extra = {}
+            if selection is not None:
+                extra["auto"] = {**selection.report(), "final_seconds": round(fit.seconds, 3)}
+                objects["selection.json"] = json.dumps(extra["auto"], indent=2).encode()
+            meta = _publish_once(ctx, prefix, objects, {
+                "best_epoch": fit.best_epoch, "seconds": round(fit.seconds, 3),
+                "labels": labels, "kind": fit_config.kind, "config": vars(fit_config), **extra})
     return {"head": ctx.store.uri(f"{prefix}/head.safetensors"), **meta}
 
 
@@ -371,7 +384,12 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
         plt.close(figure)
-        report = report_markdown(metrics, labels, extra={"model": config.name, "test rows": len(y)})
+        extra = {"model": config.name, "test rows": len(y)}
+        if head.get("auto"):  # head.kind: auto: the choice and the validation accuracy of each candidate tried
+            candidates = head["auto"]["candidates"]
+            extra["head (auto)"] = f"{head['auto']['choice']} (validation accuracy " + ", ".join(
+                f"{kind} {c['val_accuracy']:.4f}" for kind, c in candidates.items() if "skipped" not in c) + ")"
+        report = report_markdown(metrics, labels, extra=extra)
         meta = _publish_once(ctx, prefix, {
             "metrics.json": json.dumps(metrics, indent=2).encode(),
             "confusion_matrix.png": png.getvalue(),
@@ -397,11 +415,17 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                        pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
     train, test = read_frame(ctx, validated["train"]), read_frame(ctx, validated["test"])
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
+    auto = head.get("auto")  # head.kind: auto: what was chosen, and on what evidence
+    if auto:
+        from adaptflow.head_selection import selection_metrics
+
+        params["auto.choice"] = auto["choice"]
     tags = {"adaptflow.data_digest": validated["digest"], "adaptflow.encoder_ref": encoder_ref,
             "adaptflow.encoder_digest": encoder["digest"], "adaptflow.labels": json.dumps(validated["labels"]),
             # what the gate needs to re-score this version later on other rows, without downloading the model
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
-            "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"]}
+            "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"],
+            "adaptflow.head_kind": head.get("kind", config.head.kind)}
     tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
         ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
         row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
@@ -414,13 +438,17 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             ctx.store.get_verified_file(f"{parse_s3_uri(evaluation['evaluation'])[1]}/{name}", artifacts / "evaluation" / name)
         ctx.store.get_verified_file(parse_s3_uri(validated["quarantine"])[1], artifacts / "validation" / "quarantine.parquet")
         (artifacts / "validation" / "report.json").write_text(json.dumps(validated["report"], indent=2, default=str))
+        if auto:
+            (artifacts / "head_selection").mkdir()
+            (artifacts / "head_selection" / "selection.json").write_text(json.dumps(auto, indent=2))
         head_path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head" / "head.safetensors")
         spec = ModelSpec(**spec_fields, head_sha256=sha256_file(head_path)[0])  # the pyfunc re-checks it at load
         record = RunRecord(
             params=params,
             metrics={**evaluation["metrics"], "rows_train": len(train), "rows_test": len(test),
                      "rows_quarantined": validated["rows"]["quarantined"], "rows_encoded": embedded["encoded"],
-                     "rows_cached": embedded["cached"], "best_epoch": head["best_epoch"]},
+                     "rows_cached": embedded["cached"], "best_epoch": head["best_epoch"],
+                     **(selection_metrics(auto) if auto else {})},
             tags={**tags, "adaptflow.snapshot": snapshot["snapshot"]},
             datasets=[DatasetInput(frame[["text", "label"]], name, validated[name], _short(frame_digest(frame)), context)
                       for frame, name, context in ((train, "train", "training"), (test, "test", "evaluation"))],

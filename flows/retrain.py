@@ -71,6 +71,8 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
                                           "rows_compared", "rows_excluded")},
         "model_uri": f"models:/{registered['model_name']}/{registered['version']}",
         "metrics": evaluation["metrics"],
+        "head_kind": head.get("kind", config.head.kind),
+        "head_selection": head.get("auto"),  # head.kind: auto: choice, reasons, curves, seconds per candidate
         "rows": validated["rows"],
         "embeddings": {"encoded": embedded["encoded"], "cached": embedded["cached"],
                        "dtype": embedded["dtype"], "tokens_per_s": embedded["tokens_per_s"],

@@ -95,3 +95,60 @@ def test_changing_encoding_settings_re_encodes_everything(flow_env, reviews, cha
     changed = retrain(make_config(reviews / "base.csv", "flow-keys", ref=str(tiny_encoder_path), **change))
     assert changed["embeddings"]["cached"] == 0
     assert changed["embeddings"]["encoded"] == base["embeddings"]["encoded"] + base["embeddings"]["cached"]
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(metadata, {name: values as lists}) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}
+
+
+def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews, tiny_encoder_path, test_settings):
+    """head.kind: auto through the real stack: the summary, the stored selection, the evaluation report and the
+    MLflow run hold the choice, the curves and each candidate's seconds; the registered head is byte for byte
+    the one `head.kind: <choice>` trains."""
+    from mlflow import MlflowClient
+
+    from adaptflow.head_selection import CURVE_FRACTIONS
+    from adaptflow.heads import load_head
+    from adaptflow.registry import client_for
+    from adaptflow.store import parse_s3_uri
+    from flows.retrain import retrain
+
+    def config(kind: str):
+        auto = make_config(reviews / "base.csv", f"flow-{kind}", ref=str(tiny_encoder_path))
+        return auto.model_copy(update={"head": auto.head.model_copy(update={"kind": kind})})
+
+    out = retrain(config("auto"))
+    selection, store = out["head_selection"], ArtifactStore.from_settings(test_settings, bucket=flow_env)
+    choice = selection["choice"]
+    assert choice in {"linear", "mlp"} and out["head_kind"] == choice and selection["reasons"][-1].startswith(f"chose {choice}")
+    linear = selection["candidates"]["linear"]
+    assert [p["fraction"] for p in linear["curve"]] == list(CURVE_FRACTIONS) and linear["seconds"] > 0
+    assert selection["candidates"]["lora"]["skipped"]  # no LoRA trainer plugged in, or no need for one
+    assert selection["train_rows"] + selection["val_rows"] == out["rows"]["train"]
+    head_prefix = parse_s3_uri(out["artifacts"]["head"])[1].rsplit("/", 1)[0]
+    assert json.loads(store.get_verified_bytes(f"{head_prefix}/selection.json")) == selection
+    path = Path(store.get_verified_file(f"{head_prefix}/head.safetensors", Path(flow_env) / "h.safetensors"))
+    assert load_head(path)[0].kind == choice
+    evaluation = parse_s3_uri(out["artifacts"]["evaluation"])[1]
+    assert f"| head (auto) | {choice} (validation accuracy linear {linear['val_accuracy']:.4f}" in \
+        store.get_verified_bytes(f"{evaluation}/report.md").decode()
+
+    client: MlflowClient = client_for(test_settings.mlflow_tracking_uri)
+    run = client.get_run(out["run_id"])
+    assert run.data.params["auto.choice"] == choice and run.data.tags["adaptflow.head_kind"] == choice
+    assert run.data.metrics["auto.linear.val_acc"] == linear["val_accuracy"]
+    assert run.data.metrics["auto.linear.curve.25.train_acc"] == linear["curve"][0]["train_accuracy"]
+    assert {"auto.seconds", "auto.final_seconds", "auto.linear.seconds"} <= set(run.data.metrics)
+    assert "head_selection/selection.json" in {a.path for a in client.list_artifacts(out["run_id"], "head_selection")}
+    assert client.get_model_version("flow-auto", out["version"]).tags["adaptflow.head_kind"] == choice
+
+    plain = retrain(config(choice))  # the same kind asked for by name: the same head, registered the same way
+    assert plain["head_selection"] is None and plain["head_kind"] == choice
+    plain_prefix = parse_s3_uri(plain["artifacts"]["head"])[1].rsplit("/", 1)[0]
+    plain_path = store.get_verified_file(f"{plain_prefix}/head.safetensors", Path(flow_env) / "p.safetensors")
+    assert read_safetensors(plain_path) == read_safetensors(path)  # (the header's key order varies: not the bytes)
+    assert plain["metrics"] == out["metrics"]
