@@ -105,7 +105,8 @@ def read_safetensors(path) -> tuple[dict, dict]:
         return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}
 
 
-def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews, tiny_encoder_path, test_settings):
+def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews, tiny_encoder_path, test_settings,
+                                                               tmp_path):
     """head.kind: auto through the real stack: the summary, the stored selection, the evaluation report and the
     MLflow run hold the choice, the curves and each candidate's seconds; the registered head is byte for byte
     the one `head.kind: <choice>` trains."""
@@ -131,7 +132,7 @@ def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews
     assert selection["train_rows"] + selection["val_rows"] == out["rows"]["train"]
     head_prefix = parse_s3_uri(out["artifacts"]["head"])[1].rsplit("/", 1)[0]
     assert json.loads(store.get_verified_bytes(f"{head_prefix}/selection.json")) == selection
-    path = Path(store.get_verified_file(f"{head_prefix}/head.safetensors", Path(flow_env) / "h.safetensors"))
+    path = Path(store.get_verified_file(f"{head_prefix}/head.safetensors", tmp_path / "h.safetensors"))
     assert load_head(path)[0].kind == choice
     evaluation = parse_s3_uri(out["artifacts"]["evaluation"])[1]
     assert f"| head (auto) | {choice} (validation accuracy linear {linear['val_accuracy']:.4f}" in \
@@ -149,6 +150,6 @@ def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews
     plain = retrain(config(choice))  # the same kind asked for by name: the same head, registered the same way
     assert plain["head_selection"] is None and plain["head_kind"] == choice
     plain_prefix = parse_s3_uri(plain["artifacts"]["head"])[1].rsplit("/", 1)[0]
-    plain_path = store.get_verified_file(f"{plain_prefix}/head.safetensors", Path(flow_env) / "p.safetensors")
+    plain_path = store.get_verified_file(f"{plain_prefix}/head.safetensors", tmp_path / "p.safetensors")
     assert read_safetensors(plain_path) == read_safetensors(path)  # (the header's key order varies: not the bytes)
     assert plain["metrics"] == out["metrics"]
