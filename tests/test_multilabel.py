@@ -213,6 +213,10 @@ def test_config_takes_task_delimiter_and_empty_label_policy():
 
     with pytest.raises(ConfigError, match="task"):
         build_config({"name": "m", "task": "tags", "data": {"train": "x.csv"}})
+    from adaptflow.config import load_config
+
+    example = load_config(ROOT / "examples" / "reuters_topics.yaml")
+    assert example.task == "multilabel" and Path(example.data.train) == REUTERS
 
 
 # ---------------------------------------------------------------------------------------------- end to end
