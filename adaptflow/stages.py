@@ -159,12 +159,16 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
 def resolve_task(config: RunConfig, train: pd.DataFrame, test: pd.DataFrame) -> str:
     """``config.task``, or when unset, ``multilabel`` if the label column holds label lists (logged), else
     ``multiclass``."""
+    from adaptflow.data import DataError
     from adaptflow.multilabel import inferred_task
 
-    if config.task:
+    if config.task == "multilabel":
         return config.task
     why = inferred_task(pd.concat([train["label"], test["label"]]), config.data.label_delimiter)
-    if why is None:
+    if config.task == "multiclass" and why and "list" in why:
+        raise DataError(f"task is multiclass but {why} (label sets, e.g. {train['label'].dropna().iloc[0]}); "
+                        f"set task: multilabel, or give one label per row")
+    if config.task == "multiclass" or why is None:
         return "multiclass"
     log.info("task inferred: multilabel (%s); set task: multilabel or task: multiclass to say so", why)
     return "multilabel"
@@ -199,6 +203,9 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
         source = ", ".join(s for s in snapshot["sources"] if s)
         result = validate(read_frame(ctx, snapshot["train"]), read_frame(ctx, snapshot["test"]),
                           rules=rules, source=source)
+        if result.report.get("labels_without_test_rows"):  # multi-label: the hash split stratifies in expectation only
+            log.warning("validate: label(s) %s have no test rows: their test scores are 0 (grow the data or "
+                        "test_size)", ", ".join(result.report["labels_without_test_rows"]))
         meta = _publish_once(ctx, prefix, {
             "train.parquet": to_parquet_bytes(result.train),
             "test.parquet": to_parquet_bytes(result.test),

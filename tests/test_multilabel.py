@@ -51,6 +51,24 @@ def test_task_is_inferred_from_lists_json_cells_or_the_delimiter():
     assert inferred_task(pd.Series(["a|b", "c"])) is None and inferred_task(pd.Series(["pos", "neg"])) is None
 
 
+def test_task_resolution_logs_an_inferred_task_and_refuses_lists_for_multiclass(caplog):
+    from adaptflow.stages import resolve_task
+
+    def config(**top):
+        return build_config({"name": "m", "data": {"train": "x.csv", "label_delimiter": "|"}, **top})
+
+    train, test = pd.DataFrame({"label": ['["a", "b"]', '["c"]']}), pd.DataFrame({"label": ['["a"]']})
+    with caplog.at_level("INFO", logger="adaptflow"):
+        assert resolve_task(config(), train, test) == "multilabel"
+    assert "task inferred: multilabel (every label value is a JSON list)" in caplog.text
+    with pytest.raises(DataError, match="task is multiclass but every label value is a JSON list"):
+        resolve_task(config(task="multiclass"), train, test)
+    plain = pd.DataFrame({"label": ["a|b", "c"]})  # the delimiter infers multilabel unless the task says otherwise
+    assert resolve_task(config(), plain, test.assign(label="c")) == "multilabel"
+    assert resolve_task(config(task="multiclass"), plain, test.assign(label="c")) == "multiclass"
+    assert resolve_task(config(), pd.DataFrame({"label": ["a", "b"]}), test.assign(label="c")) == "multiclass"
+
+
 def test_parquet_list_column_reads_as_canonical_label_sets(tmp_path):
     path = tmp_path / "tags.parquet"
     pd.DataFrame({"text": ["x", "y", "z"], "tags": [["b", "a"], [], None]}).to_parquet(path)
@@ -285,3 +303,16 @@ def test_multilabel_flow_trains_registers_predicts_and_gates(services_env, fresh
     assert done.returncode == 0, done.stderr[-3000:]
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert line["text"] == texts[0] and "grain" in line["labels"] and set(line["probabilities"]) == set(labels)
+
+    from adaptflow.scoring import ScoreRequest, read_scored, score_location
+    from adaptflow.stages import StageContext
+
+    batch = tmp_path / "batch" / "stories.parquet"
+    batch.parent.mkdir()
+    pd.DataFrame({"text": texts + [""], "id": ["g", "i", "empty"]}).to_parquet(batch, index=False)
+    score_location(StageContext.from_env(), ScoreRequest(model_uri=second["model_uri"], input=str(batch),
+                                                         output=str(tmp_path / "scored"), keep_columns=["id"]))
+    scored = read_scored(str(tmp_path / "scored")).to_pandas().set_index("id")
+    assert "grain" in list(scored.loc["g", "labels"]) and "interest" in list(scored.loc["i", "labels"])
+    assert scored.loc["empty", "labels"] is None and scored.loc["empty", "reason"] == "empty text"
+    assert scored.loc["g", "proba_grain"] >= scored.loc["g", "proba_earn"]
