@@ -279,6 +279,10 @@ def test_multilabel_flow_trains_registers_predicts_and_gates(services_env, fresh
         "reuters-test", first["version"]).tags["adaptflow.labels"])
     assert set(labels) <= {"acq", "corn", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade", "wheat"}
     assert {"micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "threshold.grain"} <= set(first["metrics"])
+    client = client_for(test_settings.mlflow_tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"], "evaluation")}
+    assert {"evaluation/per_label.png", "evaluation/report.md"} <= artifacts  # a per-label plot, no confusion
+    assert "evaluation/confusion_matrix.png" not in artifacts
 
     second = retrain(reuters_config(reuters, "large"))
     m = second["metrics"]
