@@ -191,7 +191,8 @@ class MultilabelRules:
 
     def __post_init__(self):
         if self.empty_labels not in EMPTY_LABEL_POLICIES:
-            raise ValueError(f"empty_labels must be one of {', '.join(EMPTY_LABEL_POLICIES)}, got {self.empty_labels!r}")
+            raise ValueError(f"empty_labels must be one of {', '.join(EMPTY_LABEL_POLICIES)}, "
+                             f"got {self.empty_labels!r}")
         if self.label_case not in ("error", "fold"):
             raise ValueError(f"label_case must be 'error' or 'fold', got {self.label_case!r}")
         if self.min_class_count < 1:
@@ -331,8 +332,8 @@ def validate_multilabel(train: pd.DataFrame, test: pd.DataFrame, *, rules: Multi
         "rare_labels": rare,  # label -> train rows it had (below min_class_count): removed from every row
         "unseen_labels": removed_unseen,  # label -> test rows it was removed from (no train rows)
         "labels_without_test_rows": [l for l in labels if per_label["test"][l] == 0],
-        "labels_per_row": {part: round(float(indicator(f["label"].tolist(), labels).sum(1).mean()), 4) if len(f) else 0.0
-                           for part, f in (("train", clean_train), ("test", clean_test))},
+        "labels_per_row": {part: round(float(indicator(f["label"].tolist(), labels).sum(1).mean()), 4)
+                           if len(f) else 0.0 for part, f in (("train", clean_train), ("test", clean_test))},
     }
     problem = None
     if total == 0:
@@ -347,7 +348,8 @@ def validate_multilabel(train: pd.DataFrame, test: pd.DataFrame, *, rules: Multi
     if problem:
         found = ", ".join(f"{w}={n}" for w, n in report["reasons"].items() if n) or "no rows removed"
         raise DataError(f"{source}: cannot train: {problem}. Removed: {found}; rare labels: {rare or 'none'}. "
-                        f"See the quarantine table; fix the source or relax data.min_class_count/max_quarantine_fraction.")
+                        f"See the quarantine table; fix the source or relax data.min_class_count/"
+                        f"max_quarantine_fraction.")
     return MultilabelValidation(clean_train, clean_test, quarantine, labels, report, dropped)
 
 

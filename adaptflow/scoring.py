@@ -18,8 +18,8 @@ ETag is skipped, so a re-run writes nothing and a new model version writes under
 
 Each row: the ``--keep-columns`` (Hive keys such as ``dt`` included), ``row`` (its position in the input file),
 ``label``, one ``proba_<class>`` per class (a multi-label model: also ``labels``, the list of labels at or
-above their thresholds, and ``label`` its most probable one), ``reason`` (null, or why the row got no label: missing or empty
-text), ``model_name``, ``model_version``, ``encoder_digest``, ``scored_at``.
+above their thresholds, and ``label`` its most probable one), ``reason`` (null, or why the row got no label:
+missing or empty text), ``model_name``, ``model_version``, ``encoder_digest``, ``scored_at``.
 
 Streaming: a partition at a time; Parquet partitions in record batches of ``CHUNK_ROWS`` rows, each chunk
 tokenized (:func:`adaptflow.embed.tokenize_ragged`), looked up in the cache, its misses encoded with

@@ -380,7 +380,8 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
 
     head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
     task = {"task": "multilabel"} if task_of(validated) == "multilabel" else {}  # multiclass keys stay as they were
-    prefix = f"heads/{stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config), **task)}"
+    key = stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config), **task)
+    prefix = f"heads/{key}"
     meta = _cached(ctx, prefix)
     if meta is None:
         labels, multilabel = validated["labels"], task_of(validated) == "multilabel"

@@ -15,7 +15,7 @@ from adaptflow.config import build_config
 from adaptflow.data import DataError, prepare_frame
 from adaptflow.gate import GateRules
 from adaptflow.multilabel import (MultilabelRules, canonical_labels, compute_multilabel_metrics, decide_multilabel,
-                                  fit_multilabel_head, indicator, inferred_task, load_thresholds,
+                                  fit_multilabel_head, inferred_task, load_thresholds,
                                   paired_bootstrap_rows, parse_labels, predict_sigmoid, save_multilabel_head,
                                   tune_thresholds, validate_multilabel)
 
