@@ -116,6 +116,19 @@ def test_conflicting_sets_duplicates_and_leakage_as_for_one_label():
     assert result.report["reasons"]["leakage"] == 1
 
 
+def test_label_spellings_differing_by_case_fail_or_fold_inside_label_sets():
+    from adaptflow.validate import LabelCaseError
+
+    train = frame([(f"t{i}", '["Grain", "corn"]' if i == 0 else '["grain"]' if i % 2 else '["corn"]')
+                   for i in range(9)])
+    test = frame([("u", '["grain"]')])
+    with pytest.raises(LabelCaseError, match="'grain' \\(5 rows\\) vs 'Grain' \\(1 rows\\)"):
+        validate_multilabel(train, test, rules=MultilabelRules(), source="s")
+    folded = validate_multilabel(train, test, rules=MultilabelRules(label_case="fold"), source="s")
+    assert folded.labels == ["corn", "grain"] and folded.report["label_case"]["folded_rows"] == 1
+    assert folded.train.loc[folded.train["text"] == "t0", "label"].item() == '["corn", "grain"]'
+
+
 def test_a_label_without_test_rows_is_reported_and_too_few_labels_fail():
     train = frame([(f"t{i}", '["a"]' if i % 2 else '["b"]') for i in range(8)])
     result = validate_multilabel(train, frame([("u", '["a"]')]), rules=MultilabelRules(), source="s")
