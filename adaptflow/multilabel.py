@@ -405,6 +405,9 @@ def fit_multilabel_head(X, Y: np.ndarray, config=None, *, device: str = "cpu",
     from adaptflow.rowfile import RowFile
 
     cfg = config or HeadConfig()
+    if cfg.kind not in ("linear", "mlp"):
+        raise ValueError(f"head.kind {cfg.kind!r} has no multi-label training; use kind linear or mlp with "
+                         f"task: multilabel")
     if isinstance(X, RowFile):
         X = X.read(0, len(X))
     X = np.require(X, dtype=np.float32, requirements=["C", "W"])
