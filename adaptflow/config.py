@@ -47,6 +47,11 @@ class DataSection(_Section):
     max_quarantine_fraction: float = Field(0.5, gt=0.0, le=1.0, description="fail above this share of bad rows")
     label_case: Literal["error", "fold"] = Field(
         "error", description="labels equal but for case/spacing (fresh, FRESH): fail, or fold into the most frequent")
+    label_delimiter: str | None = Field(
+        None, min_length=1, description="multi-label: split string labels on this (e.g. '|'); JSON lists and "
+        "Parquet lists need none")
+    empty_labels: Literal["keep", "quarantine"] = Field(
+        "keep", description="multi-label: a row with no label is kept as all-negative, or quarantined (no_labels)")
 
 
 class EncoderSection(_Section):
@@ -153,6 +158,10 @@ class RunConfig(_Section):
 
     name: str = Field(description="registered model name in MLflow")
     seed: int = 13
+    task: Literal["multiclass", "multilabel"] | None = Field(
+        None, description="multiclass: one label per row (softmax); multilabel: a set of labels per row (sigmoid "
+        "per label, see adaptflow.multilabel); unset: multilabel when the label column holds lists (logged), else "
+        "multiclass")
     data: DataSection
     encoder: EncoderSection = EncoderSection()
     head: HeadSection = HeadSection()

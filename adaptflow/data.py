@@ -295,6 +295,14 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
             text = normalise_text(value)
         elif role == "time" and isinstance(value, (datetime.date, np.datetime64)):
             text = pd.Timestamp(value).isoformat()  # pd.Timestamp is a datetime.date too
+        elif role == "label" and isinstance(value, (list, tuple, np.ndarray)):
+            from adaptflow.multilabel import labels_to_json  # a label set (Parquet/JSONL list): multi-label data
+
+            try:
+                text = labels_to_json(value)
+            except TypeError:
+                bad.append((row, "list of non-scalar"))
+                text = None
         else:
             text = None if role == "text" else _scalar_to_str(value)
             fractional = role == "label" and isinstance(value, (float, np.floating)) and not float(value).is_integer()

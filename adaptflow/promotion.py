@@ -33,9 +33,32 @@ SMOKE_TEXTS = ["This is great.", "This is terrible.", "An ordinary sentence abou
 
 def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
     """Predicted labels of a registered version on ``texts``, via the embedding cache (encoding what is missing)."""
+    proba, labels, _ = version_outputs(ctx, version, texts)
+    return [labels[i] for i in proba.argmax(axis=1)]
+
+
+def label_sets_of_version(ctx: StageContext, version, texts: list[str], labels: list[str]) -> np.ndarray:
+    """A multi-label version's 0/1 predictions [n, len(labels)] on ``texts``, columns in ``labels`` order (a label
+    the version does not know is never predicted; one only it knows is ignored)."""
+    proba, own, thresholds = version_outputs(ctx, version, texts)
+    if thresholds is None:  # a one-label-per-row model: its one predicted label
+        thresholds = [1.0] * len(own)
+        proba = (proba == proba.max(axis=1, keepdims=True)).astype(np.float64)
+    index = {label: j for j, label in enumerate(labels)}
+    out = np.zeros((len(texts), len(labels)), dtype=bool)
+    for j, label in enumerate(own):
+        if label in index:
+            out[:, index[label]] = proba[:, j] >= thresholds[j]
+    return out
+
+
+def version_outputs(ctx: StageContext, version, texts: list[str]) -> tuple[np.ndarray, list[str], list[float] | None]:
+    """``(probabilities [n, k], labels, thresholds)`` of a registered version on ``texts`` (thresholds: a
+    multi-label version's, else None), via the embedding cache (encoding what is missing)."""
     from adaptflow.cache import EmbeddingCache, text_sha256
     from adaptflow.embed import tokenize_texts
     from adaptflow.heads import load_head, predict_proba
+    from adaptflow.multilabel import load_thresholds, predict_sigmoid
     from adaptflow.store import parse_s3_uri
 
     tags = version.tags
@@ -57,8 +80,10 @@ def score_version(ctx: StageContext, version, texts: list[str]) -> list[str]:
         bucket, key = parse_s3_uri(tags["adaptflow.head_uri"])  # the version may come from another bucket
         head_path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors")
         head, labels = load_head(head_path)
-    proba = predict_proba(head, cache.read(hashes))
-    return [labels[i] for i in proba.argmax(axis=1)]
+        thresholds = load_thresholds(head_path)
+    vectors = cache.read(hashes)
+    proba = predict_proba(head, vectors) if thresholds is None else predict_sigmoid(head, vectors)
+    return proba, labels, thresholds
 
 
 def unseen_by(ctx: StageContext, champion, texts: list[str]) -> tuple[np.ndarray, int | None, str]:
@@ -110,8 +135,15 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
     test = read_frame(ctx, validated["test"])
     texts, labels = list(test["text"]), validated["labels"]
     index = {label: i for i, label in enumerate(labels)}
-    y_true = test["label"].map(index).to_numpy()
-    challenger_pred = np.array([index[p] for p in score_version(ctx, challenger, texts)])
+    multilabel = validated.get("task") == "multilabel"
+    if multilabel:  # 0/1 matrices [n, k]; compared by adaptflow.multilabel.decide_multilabel
+        from adaptflow.multilabel import decide_multilabel, indicator
+
+        y_true = indicator(test["label"].tolist(), labels) > 0
+        challenger_pred = label_sets_of_version(ctx, challenger, texts, labels)
+    else:
+        y_true = test["label"].map(index).to_numpy()
+        challenger_pred = np.array([index[p] for p in score_version(ctx, challenger, texts)])
 
     with store_lock(ctx.store, f"promote/{name}") as lease:
         champion = current_alias(client, name, CHAMPION)
@@ -133,13 +165,20 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
                                        f"{MIN_GATE_ROWS} are needed to compare: add test rows, or decide by hand",
                                        config.gate.metric, {})
             else:
-                if champion is not None:
-                    # a champion label the challenger does not know is simply a wrong answer on that row
-                    predicted = score_version(ctx, champion, [t for t, k in zip(texts, keep) if k])
-                    champion_pred = np.array([index.get(p, (y + 1) % len(labels))
-                                              for p, y in zip(predicted, y_true[keep])])
-                verdict = decide(y_true[keep], challenger_pred[keep], champion_pred, labels, config.gate,
-                                 seed=config.seed)
+                kept = [t for t, k in zip(texts, keep) if k]
+                if multilabel:
+                    if champion is not None:
+                        champion_pred = label_sets_of_version(ctx, champion, kept, labels)
+                    verdict = decide_multilabel(y_true[keep], challenger_pred[keep], champion_pred, labels,
+                                                config.gate, seed=config.seed)
+                else:
+                    if champion is not None:
+                        # a champion label the challenger does not know is simply a wrong answer on that row
+                        predicted = score_version(ctx, champion, kept)
+                        champion_pred = np.array([index.get(p, (y + 1) % len(labels))
+                                                  for p, y in zip(predicted, y_true[keep])])
+                    verdict = decide(y_true[keep], challenger_pred[keep], champion_pred, labels, config.gate,
+                                     seed=config.seed)
                 verdict.reason += note
             verdict.rows_compared, verdict.rows_excluded = int(keep.sum()), excluded
         if verdict.decision == "promote" and config.gate.smoke_test:

@@ -149,7 +149,10 @@ def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
         spec_path = Path(tmp) / "model_spec.json"
         spec_path.write_text(spec.to_json())
         example = pd.DataFrame({"text": input_texts})
-        output = pd.DataFrame({"label": [spec.labels[0]] * len(input_texts)})
+        if spec.task == "multilabel":  # a list of labels per row
+            output = pd.DataFrame({"labels": pd.Series([[spec.labels[0]]] * len(input_texts), dtype=object)})
+        else:
+            output = pd.DataFrame({"label": [spec.labels[0]] * len(input_texts)})
         for label in spec.labels:
             output[f"proba_{label}"] = 1.0 / len(spec.labels)
         return mlflow.pyfunc.log_model(

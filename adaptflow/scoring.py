@@ -17,8 +17,9 @@ folder through a temp file renamed into place, then the manifest (also renamed i
 ETag is skipped, so a re-run writes nothing and a new model version writes under its own ``version=``.
 
 Each row: the ``--keep-columns`` (Hive keys such as ``dt`` included), ``row`` (its position in the input file),
-``label``, one ``proba_<class>`` per class, ``reason`` (null, or why the row got no label: missing or empty
-text), ``model_name``, ``model_version``, ``encoder_digest``, ``scored_at``.
+``label``, one ``proba_<class>`` per class (a multi-label model: also ``labels``, the list of labels at or
+above their thresholds, and ``label`` its most probable one), ``reason`` (null, or why the row got no label:
+missing or empty text), ``model_name``, ``model_version``, ``encoder_digest``, ``scored_at``.
 
 Streaming: a partition at a time; Parquet partitions in record batches of ``CHUNK_ROWS`` rows, each chunk
 tokenized (:func:`adaptflow.embed.tokenize_ragged`), looked up in the cache, its misses encoded with
@@ -327,6 +328,7 @@ class _Scorer:
         from adaptflow.cache import EmbeddingCache
         from adaptflow.embed import resolve_dtype
         from adaptflow.heads import load_head
+        from adaptflow.multilabel import load_thresholds
 
         self.ctx, self.model, self.request, self.device = ctx, model, request, device
         self.sample = sample  # a drift_check.TextSample fed with every scored text, or None
@@ -336,6 +338,7 @@ class _Scorer:
             bucket, key = parse_s3_uri(model.head_uri)  # the version may come from another bucket
             head_path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors")
             self.head, self.labels = load_head(head_path)
+            self.thresholds = load_thresholds(head_path)  # a multi-label head's; None for one label per row
         self.dim = int(self.head.in_dim)
         self._encoder = None
         self.counters = _Counters()
@@ -399,6 +402,7 @@ class _Scorer:
         All chunks share one cache lookup and one encoder pass (small partitions are scored together).
         """
         from adaptflow.heads import predict_proba
+        from adaptflow.multilabel import predict_sigmoid
 
         raw = [v for table, _ in chunks for v in table.column(self.request.text_column).to_pylist()]
         n = len(raw)
@@ -414,8 +418,10 @@ class _Scorer:
         proba = np.full((n, len(self.labels)), np.nan)
         label_index = np.zeros(n, dtype=np.int64)
         if len(good_rows):
-            p = predict_proba(self.head, vectors)[inverse]
+            p = (predict_proba if self.thresholds is None else predict_sigmoid)(self.head, vectors)[inverse]
             proba[good_rows], label_index[good_rows] = p, p.argmax(axis=1)
+        if self.thresholds is not None:  # multi-label: `labels` lists the labels at or above their thresholds
+            chosen = proba >= np.asarray(self.thresholds)  # NaN rows (no text) choose none; masked below
         names = np.asarray(self.labels, dtype=object)
         self.counters.rows += n
         self.counters.bad_rows += int(n - len(good_rows))
@@ -427,6 +433,9 @@ class _Scorer:
             columns = {c: table.column(c) for c in self.request.keep_columns}
             columns["row"] = pa.array(np.arange(start_row, start_row + k, dtype=np.int64))
             columns["label"] = pa.array(names[label_index[rows]], pa.string(), mask=missing)
+            if self.thresholds is not None:
+                columns["labels"] = pa.array([None if m else names[c].tolist() for m, c in zip(missing, chosen[rows])],
+                                             pa.list_(pa.string()))
             for j, name in enumerate(self.labels):
                 columns[f"proba_{name}"] = pa.array(proba[rows, j], pa.float64(), mask=missing)
             columns["reason"] = pa.array(reasons[rows], pa.string())

@@ -32,6 +32,7 @@ class ModelSpec:
     dtype: str
     labels: list[str]
     head_sha256: str | None = None  # recorded at registration; a head file changed afterwards is refused
+    task: str = "multiclass"  # multilabel: sigmoid head with per-label thresholds (adaptflow.multilabel)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -52,7 +53,12 @@ def probability_column(label: str) -> str:
 
 
 class HeadClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame with a ``text`` column → ``label`` and one ``proba_<label>`` column per class."""
+    """pyfunc: DataFrame with a ``text`` column → ``label`` and one ``proba_<label>`` column per class.
+
+    A multi-label model (``spec.task == "multilabel"``) returns ``labels`` instead: per row the list of labels
+    whose sigmoid probability reaches that label's tuned threshold (possibly empty), and ``proba_<label>`` per
+    label (independent probabilities, not summing to 1).
+    """
 
     def load_context(self, context) -> None:
         from adaptflow.embed import resolve_dtype
@@ -65,6 +71,13 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"head {context.artifacts['head']} changed after registration (sha256 differs from "
                              f"the recorded {self.spec.head_sha256[:16]}…); re-register the model")
         self.head, self.labels = load_head(context.artifacts["head"])
+        self.thresholds = None
+        if self.spec.task == "multilabel":
+            from adaptflow.multilabel import load_thresholds
+
+            self.thresholds = load_thresholds(context.artifacts["head"])
+            if self.thresholds is None:
+                raise ValueError(f"model spec says multilabel but head {context.artifacts['head']} has no thresholds")
         store = None
         if self.spec.encoder_ref.startswith("s3://"):
             from adaptflow.settings import load_settings
@@ -94,17 +107,27 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
         vectors = encode(
             self.encoder, token_ids, pooling=self.spec.pooling, dtype=self.dtype, device="cpu", progress=False
         ).vectors
-        proba = predict_proba(self.head, vectors)
-        out = pd.DataFrame({"label": np.asarray(self.labels, dtype=object)[proba.argmax(axis=1)]})
+        if self.thresholds is not None:
+            from adaptflow.multilabel import predicted_labels, predict_sigmoid
+
+            proba = predict_sigmoid(self.head, vectors)
+            out = pd.DataFrame({"labels": pd.Series(predicted_labels(proba, self.labels, self.thresholds),
+                                                    dtype=object)})
+        else:
+            proba = predict_proba(self.head, vectors)
+            out = pd.DataFrame({"label": np.asarray(self.labels, dtype=object)[proba.argmax(axis=1)]})
         for i, label in enumerate(self.labels):
             out[probability_column(label)] = proba[:, i].astype("float64")
         return out
 
 
 def rows_as_predictions(frame: pd.DataFrame, labels: list[str] | None = None) -> list[dict]:
-    """pyfunc output rows → ``{"label": ..., "probabilities": {label: p}}`` dicts (CLI and serving smoke tests)."""
+    """pyfunc output rows → ``{"label": ..., "probabilities": {label: p}}`` dicts (CLI and serving smoke tests);
+    a multi-label model's → ``{"labels": [...], "probabilities": {label: p}}``."""
     labels = labels or [c.removeprefix("proba_") for c in frame.columns if c.startswith("proba_")]
+    key = "labels" if "labels" in frame.columns else "label"
     return [
-        {"label": row["label"], "probabilities": {l: round(float(row[probability_column(l)]), 6) for l in labels}}
+        {key: list(row[key]) if key == "labels" else row[key],
+         "probabilities": {l: round(float(row[probability_column(l)]), 6) for l in labels}}
         for _, row in frame.iterrows()
     ]

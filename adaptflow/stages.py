@@ -129,7 +129,16 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
         train, test = split_frame(train, test_size=d.test_size, seed=config.seed, method=d.split,
                                   source=describe(d.train))
     del read
-    shares = split_shares(train, test)
+    task = resolve_task(config, train, test)
+    if task == "multilabel":
+        from adaptflow.multilabel import canonical_labels, split_shares as label_shares
+
+        for frame, source in ((train, d.train), (test, d.test or d.train)):
+            frame["label"] = canonical_labels(frame["label"], frame["row"].tolist(), delimiter=d.label_delimiter,
+                                              source=describe(source))
+        shares = label_shares(train, test)
+    else:
+        shares = split_shares(train, test)
     log.info("ingest: train %s; test %s", partition_summary(partitions["train"]),
              partition_summary(partitions["test"]) if d.test else
              f"{d.split} split of train: test share {shares['test']:.2%} (test_size {d.test_size:.0%}), by label "
@@ -140,10 +149,34 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
         ctx, prefix,
         {"train.parquet": to_parquet_bytes(train), "test.parquet": to_parquet_bytes(test)},
         {"digest": digest, "sources": [describe(d.train), describe(d.test)], "partitions": partitions,
-         "rows": {"train": len(train), "test": len(test)}, "split": None if d.test else d.split, "shares": shares},
+         "rows": {"train": len(train), "test": len(test)}, "split": None if d.test else d.split, "shares": shares,
+         "task": task},
     )
     return {"snapshot": ctx.store.uri(prefix), **meta,
             "train": ctx.store.uri(f"{prefix}/train.parquet"), "test": ctx.store.uri(f"{prefix}/test.parquet")}
+
+
+def resolve_task(config: RunConfig, train: pd.DataFrame, test: pd.DataFrame) -> str:
+    """``config.task``, or when unset, ``multilabel`` if the label column holds label lists (logged), else
+    ``multiclass``."""
+    from adaptflow.data import DataError
+    from adaptflow.multilabel import inferred_task
+
+    if config.task == "multilabel":
+        return config.task
+    why = inferred_task(pd.concat([train["label"], test["label"]]), config.data.label_delimiter)
+    if config.task == "multiclass" and why and "list" in why:
+        raise DataError(f"task is multiclass but {why} (label sets, e.g. {train['label'].dropna().iloc[0]}); "
+                        f"set task: multilabel, or give one label per row")
+    if config.task == "multiclass" or why is None:
+        return "multiclass"
+    log.info("task inferred: multilabel (%s); set task: multilabel or task: multiclass to say so", why)
+    return "multilabel"
+
+
+def task_of(stage_output: dict) -> str:
+    """The task a snapshot/validated/head output was made for (outputs from before multi-label: multiclass)."""
+    return stage_output.get("task") or "multiclass"
 
 
 def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict:
@@ -151,15 +184,28 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
     from adaptflow.data import frame_digest, to_parquet_bytes
     from adaptflow.validate import ValidationRules, validate_split
 
-    rules = ValidationRules(min_class_count=config.data.min_class_count,
-                            max_quarantine_fraction=config.data.max_quarantine_fraction,
-                            label_case=config.data.label_case)
-    prefix = f"validated/{stage_key('validate', snapshot=snapshot['digest'], rules=vars(rules))}"
+    task = task_of(snapshot)
+    if task == "multilabel":
+        from adaptflow.multilabel import MultilabelRules, validate_multilabel
+
+        rules = MultilabelRules(min_class_count=config.data.min_class_count,
+                                max_quarantine_fraction=config.data.max_quarantine_fraction,
+                                label_case=config.data.label_case, empty_labels=config.data.empty_labels)
+        validate, key = validate_multilabel, {"rules": vars(rules), "task": task}
+    else:
+        rules = ValidationRules(min_class_count=config.data.min_class_count,
+                                max_quarantine_fraction=config.data.max_quarantine_fraction,
+                                label_case=config.data.label_case)
+        validate, key = validate_split, {"rules": vars(rules)}
+    prefix = f"validated/{stage_key('validate', snapshot=snapshot['digest'], **key)}"
     meta = _cached(ctx, prefix)
     if meta is None:
         source = ", ".join(s for s in snapshot["sources"] if s)
-        result = validate_split(read_frame(ctx, snapshot["train"]), read_frame(ctx, snapshot["test"]),
-                                rules=rules, source=source)
+        result = validate(read_frame(ctx, snapshot["train"]), read_frame(ctx, snapshot["test"]),
+                          rules=rules, source=source)
+        if result.report.get("labels_without_test_rows"):  # multi-label: the hash split stratifies in expectation only
+            log.warning("validate: label(s) %s have no test rows: their test scores are 0 (grow the data or "
+                        "test_size)", ", ".join(result.report["labels_without_test_rows"]))
         meta = _publish_once(ctx, prefix, {
             "train.parquet": to_parquet_bytes(result.train),
             "test.parquet": to_parquet_bytes(result.test),
@@ -168,7 +214,7 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
         }, {"digest": frame_digest(pd.concat([result.train, result.test], ignore_index=True)),
             "labels": result.labels, "rows": {"train": len(result.train), "test": len(result.test),
                                               "quarantined": len(result.quarantine)},
-            "report": result.report})
+            "report": result.report, "task": task})
     return {"validated": ctx.store.uri(prefix), **meta,
             **{name: ctx.store.uri(f"{prefix}/{name}.parquet") for name in ("train", "test", "quarantine")}}
 
@@ -293,8 +339,9 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
 
 
 def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str],
-            *, spill_dir: Path, seed: int = 0):
-    """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels``.
+            *, spill_dir: Path, seed: int = 0, multilabel: bool = False):
+    """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels`` (multilabel:
+    a 0/1 matrix [n, len(labels)]).
 
     X is an array when it fits the in-memory budget (``rowfile.in_memory_budget``), else a
     :class:`~adaptflow.rowfile.RowFile` under ``spill_dir`` with the rows in a seeded random order (``y``
@@ -305,7 +352,12 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
 
     frame = read_frame(ctx, frame_uri)
     hashes = [text_sha256(t) for t in frame["text"]]
-    y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+    if multilabel:  # 0/1 targets [n, k] from the rows' label sets
+        from adaptflow.multilabel import indicator
+
+        y = indicator(frame["label"].tolist(), labels)
+    else:
+        y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
     del frame
     cache = _cache_for(ctx, config, encoder, embedded["dtype"])
     dim = int(encoder["hidden_size"])
@@ -331,26 +383,35 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
     from adaptflow.heads import HeadConfig, fit_head, save_head
 
     head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
-    prefix = f"heads/{stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config))}"
+    task = {"task": "multilabel"} if task_of(validated) == "multilabel" else {}  # multiclass keys stay as they were
+    key = stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config), **task)
+    prefix = f"heads/{key}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        labels = validated["labels"]
+        labels, multilabel = validated["labels"], task_of(validated) == "multilabel"
         device = resolve_device(config.encoder.device)
         with tempfile.TemporaryDirectory() as tmp:
             X, y = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
-                           seed=config.seed)
-            fit_config, selection = head_config, None
-            if head_config.kind == "auto":
-                from adaptflow.head_selection import candidate_config, select_head
-
-                selection = select_head(X, y, len(labels), head_config, device=device, log=log.info, lora=None)
-                fit_config = candidate_config(head_config, selection.choice)
-            fit = fit_head(X, y, len(labels), fit_config, device=device, log=log.info)
-            del X
+                           seed=config.seed, multilabel=multilabel)
             path = Path(tmp) / "head.safetensors"
-            save_head(fit.head, path, labels)
+            fit_config, selection, extra = head_config, None, {}
+            if multilabel:
+                from adaptflow.multilabel import fit_multilabel_head, save_multilabel_head
+
+                fit = fit_multilabel_head(X, y, head_config, device=device, log=log.info)
+                save_multilabel_head(fit.head, path, labels, fit.thresholds)
+                extra = {"task": "multilabel", "thresholds": dict(zip(labels, fit.thresholds.round(6).tolist())),
+                         "threshold_tuning": fit.cv}
+            else:
+                if head_config.kind == "auto":
+                    from adaptflow.head_selection import candidate_config, select_head
+
+                    selection = select_head(X, y, len(labels), head_config, device=device, log=log.info, lora=None)
+                    fit_config = candidate_config(head_config, selection.choice)
+                fit = fit_head(X, y, len(labels), fit_config, device=device, log=log.info)
+                save_head(fit.head, path, labels)
+            del X
             objects = {"head.safetensors": path.read_bytes(), "history.json": json.dumps(fit.history).encode()}
-            extra = {}
             if selection is not None:
                 extra["auto"] = {**selection.report(), "final_seconds": round(fit.seconds, 3)}
                 objects["selection.json"] = json.dumps(extra["auto"], indent=2).encode()
@@ -372,29 +433,43 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
     prefix = f"evaluations/{stage_key('evaluate', head=head['head'], data=validated['digest'])}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        labels = validated["labels"]
+        labels, multilabel = validated["labels"], task_of(validated) == "multilabel"
         with tempfile.TemporaryDirectory() as tmp:
-            X, y = _arrays(ctx, config, encoder, embedded, validated["test"], labels, spill_dir=Path(tmp))
+            X, y = _arrays(ctx, config, encoder, embedded, validated["test"], labels, spill_dir=Path(tmp),
+                           multilabel=multilabel)
             path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
             model, _ = load_head(path)
-            proba = predict_proba(model, X)  # (the rows' order does not matter to the metrics: y is permuted alike)
+            if multilabel:
+                from adaptflow.multilabel import load_thresholds, predict_sigmoid
+
+                proba, thresholds = predict_sigmoid(model, X), load_thresholds(path)
+            else:
+                proba = predict_proba(model, X)  # (the rows' order does not matter to the metrics: y is permuted alike)
             del X
-        metrics = compute_metrics(y, proba, labels)
-        figure = confusion_matrix_figure(metrics["confusion"], labels)
-        png = io.BytesIO()
-        figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
-        plt.close(figure)
         extra = {"model": config.name, "test rows": len(y)}
         if head.get("auto"):  # head.kind: auto: the choice and the validation accuracy of each candidate tried
             candidates = head["auto"]["candidates"]
             extra["head (auto)"] = f"{head['auto']['choice']} (validation accuracy " + ", ".join(
                 f"{kind} {c['val_accuracy']:.4f}" for kind, c in candidates.items() if "skipped" not in c) + ")"
-        report = report_markdown(metrics, labels, extra=extra)
+        if multilabel:
+            from adaptflow.multilabel import (compute_multilabel_metrics, flat_multilabel_metrics,
+                                              multilabel_report_markdown, per_label_figure)
+
+            metrics = compute_multilabel_metrics(y, proba, labels, thresholds)
+            figure, figure_name = per_label_figure(metrics, labels), "per_label.png"
+            report, flat = multilabel_report_markdown(metrics, labels, extra=extra), flat_multilabel_metrics(metrics)
+        else:
+            metrics = compute_metrics(y, proba, labels)
+            figure, figure_name = confusion_matrix_figure(metrics["confusion"], labels), "confusion_matrix.png"
+            report, flat = report_markdown(metrics, labels, extra=extra), flat_metrics(metrics)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
         meta = _publish_once(ctx, prefix, {
             "metrics.json": json.dumps(metrics, indent=2).encode(),
-            "confusion_matrix.png": png.getvalue(),
+            figure_name: png.getvalue(),
             "report.md": report.encode(),
-        }, {"metrics": flat_metrics(metrics), "report": report})
+        }, {"metrics": flat, "report": report, "figure": figure_name})
     return {"evaluation": ctx.store.uri(prefix), **meta}
 
 
@@ -412,7 +487,8 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
 
     encoder_ref = encoder["ref"]  # the S3 snapshot the resolve stage pinned: portable, content-addressed
     spec_fields = dict(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
-                       pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"])
+                       pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"],
+                       task=task_of(validated))
     train, test = read_frame(ctx, validated["train"]), read_frame(ctx, validated["test"])
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
     auto = head.get("auto")  # head.kind: auto: what was chosen, and on what evidence
@@ -425,7 +501,7 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             # what the gate needs to re-score this version later on other rows, without downloading the model
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
             "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"],
-            "adaptflow.head_kind": head.get("kind", config.head.kind)}
+            "adaptflow.head_kind": head.get("kind", config.head.kind), "adaptflow.task": task_of(validated)}
     tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
         ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
         row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
@@ -434,7 +510,7 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     tags[FINGERPRINT_TAG] = fingerprint(data_digest=snapshot["digest"], config=config, encoder_digest=encoder["digest"])
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = Path(tmp) / "artifacts"  # logged as the run's artifacts: evaluation/ and validation/
-        for name in ("confusion_matrix.png", "report.md", "metrics.json"):
+        for name in (evaluation.get("figure", "confusion_matrix.png"), "report.md", "metrics.json"):
             ctx.store.get_verified_file(f"{parse_s3_uri(evaluation['evaluation'])[1]}/{name}", artifacts / "evaluation" / name)
         ctx.store.get_verified_file(parse_s3_uri(validated["quarantine"])[1], artifacts / "validation" / "quarantine.parquet")
         (artifacts / "validation" / "report.json").write_text(json.dumps(validated["report"], indent=2, default=str))

@@ -139,9 +139,10 @@ def test_bad_file_fails_naming_the_problem_and_publishes_nothing_partial(case, c
 PARQUET_CASES = {
     "numbers as texts": (pd.DataFrame({"text": list(range(10)), "label": ["a", "b"] * 5}),
                          ["text column 'text' holds int64 values", "Set text_column"]),
-    "lists as labels": (pd.DataFrame({"text": [f"t{i}" for i in range(6)], "label": [["a"], ["b"]] * 3}),
-                        ["label column 'label' holds list values at rows 1, 2, 3, 4, 5",
-                         "expected strings or integers"]),
+    # a flat list is a label set (multi-label data, adaptflow.multilabel); a list of lists is no label at all
+    "nested lists as labels": (pd.DataFrame({"text": [f"t{i}" for i in range(6)], "label": [[["a"]], [["b"]]] * 3}),
+                               ["label column 'label' holds list of non-scalar values at rows 1, 2, 3, 4, 5",
+                                "expected strings or integers"]),
     "scores as labels": (pd.DataFrame({"text": [f"t{i}" for i in range(6)], "label": [0.5, 1.0] * 3}),
                          ["label column 'label' holds non-integer number values at rows 1, 3, 5"]),
 }

@@ -32,6 +32,12 @@ def test_quality_smoke_runs_the_three_classifiers_per_cell(tmp_path):
     test_rows = data["cells"][0]["test_rows"]  # the hash split's share is near, not exactly, 20 %
     assert 60 <= test_rows <= 100 and all(c["test_rows"] == test_rows for c in data["cells"])
     assert table.count(f"\n| rotten_tomatoes ({test_rows}, movie-disjoint) |") == 2
+    multi = doc["multilabel"]  # the multi-label row: our head vs OvR LogisticRegression on 400 Reuters rows
+    assert multi["rows"] == 400 and [r["seed"] for r in multi["runs"]] == [0, 1] and multi["labels"] >= 5
+    for scores in (multi["mean"]["head"], multi["mean"]["head_at_0.5"], multi["ovr_lr"]):
+        assert 0 <= scores["micro_f1"] <= 1 and 0 <= scores["macro_f1"] <= 1
+    assert multi["met"] == quality.multilabel_verdict(multi)  # reported; only full runs' exit code counts it
+    assert f"\n| reuters_topics ({multi['test_rows']}, hash split) | {multi['train_rows']} |" in table
 
 
 def test_verdict_bars():
@@ -39,3 +45,5 @@ def test_verdict_bars():
     assert quality.verdict(cell)
     assert not quality.verdict({**cell, "head_minus_lr_points": {"mean": -0.31, "worst": 0}})
     assert not quality.verdict({**cell, "mean": {"head": {"ece": 0.051}}})
+    assert quality.multilabel_verdict({"head_minus_ovr_points": {"macro_f1": -0.3}})
+    assert not quality.multilabel_verdict({"head_minus_ovr_points": {"macro_f1": -0.31}})

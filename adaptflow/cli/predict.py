@@ -19,7 +19,7 @@ def predict(
     input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="A file with one text per line.")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Print one JSON line per text: {"text", "label", "probabilities"}."""
+    """Print one JSON line per text: {"text", "label", "probabilities"} (a multi-label model: "labels", a list)."""
     from adaptflow.settings import load_settings
 
     try:
