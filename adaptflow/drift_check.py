@@ -4,7 +4,8 @@
   training rows' text hashes and labels; their vectors come from the embedding cache the version was trained
   through (nothing is encoded for them; texts are not needed).
 - new side: a uniform sample of the new texts (:class:`TextSample`, fed while scoring streams the rows, or by
-  :func:`sample_location` reading a lake); their vectors come from the same cache, misses encoded into it.
+  :func:`sample_location` reading a lake); their vectors come from the same cache, misses encoded into it. Rows
+  the model trained on are left out of the comparison (counted as ``rows.seen_in_training``).
 - the version's head scores both samples (prediction drift); its tokenizer measures the new texts (health).
 
 Cost: a sample of at most ``rules.sample_rows`` rows a side, so a check costs the same at 10k and at 10M new rows.
@@ -189,6 +190,12 @@ def check_drift(ctx, model: ScoringModel, texts: list[str], rules: DriftRules | 
     client = client_for(ctx.settings.mlflow_tracking_uri)
     reference, train_counts = _training_side(ctx, model, client, cache)
     new_hashes, encoded = _new_vectors(ctx, model, cache, texts, device)
+    # a row the model trained on tells nothing about drift, and the same vector on both sides of a
+    # cross-validated classifier drags its AUC below 0.5 (measured: 0.44 with the training data as "new" rows)
+    trained = set(reference)
+    unseen = [i for i, h in enumerate(new_hashes) if h not in trained]
+    seen_in_training = len(new_hashes) - len(unseen)
+    sampled, texts, new_hashes = texts, [texts[i] for i in unseen], [new_hashes[i] for i in unseen]
     ref_rows, new_rows = balanced_sample(len(reference), len(new_hashes), rules)
     ref_vectors = cache.read([reference[i] for i in ref_rows])
     new_vectors = cache.read([new_hashes[i] for i in new_rows])
@@ -198,7 +205,7 @@ def check_drift(ctx, model: ScoringModel, texts: list[str], rules: DriftRules | 
         head, labels = load_head(ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors"))
     new_proba = predict_proba(head, cache.read(new_hashes)) if new_hashes else np.zeros((0, len(labels)))
     labels_report = prediction_drift(labels, train_counts, new_proba, predict_proba(head, ref_vectors), rules)
-    inputs = _health(ctx, model, texts)
+    inputs = _health(ctx, model, sampled)
     drifted = bool(embedding["drifted"] or labels_report["shifted"])
     reasons = ([f"embedding drift: domain-classifier AUC {embedding['score']} (lower bound {embedding['ci_low']} > "
                 f"{rules.threshold})"] if embedding["drifted"] else []) + \
@@ -208,15 +215,16 @@ def check_drift(ctx, model: ScoringModel, texts: list[str], rules: DriftRules | 
     report = {"score": embedding["score"], "ci_low": embedding["ci_low"], "ci_high": embedding["ci_high"],
               "drifted": drifted, "reasons": reasons, "threshold": rules.threshold,
               "model_name": model.name, "model_version": model.version, "input": input,
-              "rows": {"new": rows if rows is not None else len(texts), "new_sampled": len(texts),
+              "rows": {"new": rows if rows is not None else len(sampled), "new_sampled": len(sampled),
+                       "seen_in_training": seen_in_training,
                        "compared": int(len(new_rows)), "training": int(sum(train_counts.values())),
                        "training_cached": len(reference)},
               "embeddings": encoded, "embedding": embedding, "label_shift": labels_report, "inputs": inputs,
               "labels": labels, "seconds": round(seconds, 3),
-              "rows_per_s": round(len(texts) / seconds, 1) if seconds and texts else None}
+              "rows_per_s": round(len(sampled) / seconds, 1) if seconds and sampled else None}
     log.info("drift %s v%s: AUC %s [%s, %s] (threshold %s), label PSI %s, %d new rows sampled, %d compared a side; "
              "%.2f s (%s rows/s)%s", model.name, model.version, embedding["score"], embedding["ci_low"],
-             embedding["ci_high"], rules.threshold, labels_report["psi"], len(texts), len(new_rows), seconds,
+             embedding["ci_high"], rules.threshold, labels_report["psi"], len(sampled), len(new_rows), seconds,
              report["rows_per_s"], " — DRIFTED" if drifted else "")
     return report
 

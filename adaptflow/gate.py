@@ -153,34 +153,31 @@ def _verdict(significant_up: bool, significant_down: bool) -> str:
     return "better" if significant_up else "worse" if significant_down else "inconclusive"
 
 
-def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: GateRules, *, seed: int = 0) -> GateDecision:
-    """Compare challenger with champion on the same rows.
-
-    Args:
-        y_true, challenger_pred, champion_pred: label indices into ``labels``; ``champion_pred`` None when the
-            model has no champion yet (the first model is promoted if it clears the floors).
-    """
-    y_true, challenger_pred = np.asarray(y_true), np.asarray(challenger_pred)
-    k = len(labels)
-    conf_a = confusion_matrix(y_true, challenger_pred, k)
-    scores_a = _scores(conf_a)
+def screen(scores_a: dict[str, float], rules: GateRules, *, has_champion: bool) -> GateDecision | None:
+    """The decisions made before any comparison: below an absolute floor → reject; no champion yet → promote
+    (the floors cleared); else None (compare with :func:`judge`)."""
     below = {m: v for m, v in rules.min_metric.items() if scores_a[m] < v}
     if below:
         floors = ", ".join(f"{m} {scores_a[m]:.4f} < floor {v}" for m, v in below.items())
         return GateDecision("reject", f"below absolute floor: {floors}", rules.metric, scores_a)
-    if champion_pred is None:
+    if not has_champion:
         return GateDecision("promote", "first model of this name (clears the floors)", rules.metric, scores_a)
+    return None
 
-    champion_pred = np.asarray(champion_pred)
-    conf_b = confusion_matrix(y_true, champion_pred, k)
-    scores_b = _scores(conf_b)
-    recall_change = class_scores(conf_a)[1] - class_scores(conf_b)[1]
-    recall_deltas = {label: round(float(d), 6) for label, d in zip(labels, recall_change)}
+
+def judge(rules: GateRules, scores_a: dict[str, float], scores_b: dict[str, float], recall_deltas: dict[str, float],
+          bounds: tuple[float, float], p: float, p_worse: float, *, accuracy: str = "accuracy") -> GateDecision:
+    """The decision from the comparison's statistics, by the module's rules (recall drops, ``min_delta``, then
+    the evidence of the selected tests).
+
+    Args:
+        recall_deltas: challenger minus champion recall per class (or per label).
+        bounds: the one-sided bootstrap bounds of the primary metric's difference.
+        p, p_worse: McNemar's one-sided p-values (challenger better / worse) on ``accuracy`` (its name: for
+            multi-label, subset accuracy).
+    """
+    low, high = bounds
     delta = scores_a[rules.metric] - scores_b[rules.metric]
-    low, high = paired_bootstrap(y_true, challenger_pred, champion_pred, k, rules.metric,
-                                 n=rules.n_bootstrap, confidence=rules.confidence, seed=seed)
-    p = mcnemar_p(y_true, challenger_pred, champion_pred, "greater")
-    p_worse = mcnemar_p(y_true, challenger_pred, champion_pred, "less")
     alpha = 1 - rules.confidence
     needed = ["bootstrap", "mcnemar"] if rules.test == "both" else [rules.test]
     evidence = {"bootstrap": _verdict(low > 0, high < 0), "mcnemar": _verdict(p < alpha, p_worse < alpha)}
@@ -202,10 +199,10 @@ def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: Gat
     elif worse:
         # the gain is too small to stand against significant evidence the other way: not a case for a person
         # to weigh (hold) or for on_inconclusive=promote to wave through
-        what = {"bootstrap": f"{rules.metric} (bootstrap)", "mcnemar": "accuracy (McNemar)"}
+        what = {"bootstrap": f"{rules.metric} (bootstrap)", "mcnemar": f"{accuracy} (McNemar)"}
         verdict.decision = "reject"
         verdict.reason = (f"{rules.metric} changed by {delta:+.4f}, but the challenger is significantly worse in "
-                          f"{' and '.join(what[t] for t in worse)}: accuracy {scores_a['accuracy']:.4f} vs "
+                          f"{' and '.join(what[t] for t in worse)}: {accuracy} {scores_a['accuracy']:.4f} vs "
                           f"{scores_b['accuracy']:.4f}; {numbers}")
     elif all(e == "better" for e in evidence.values()):
         verdict.decision = "promote"
@@ -215,3 +212,28 @@ def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: Gat
         verdict.reason = (f"inconclusive: {rules.metric} {delta:+.4f} but {'/'.join(needed)} does not show an "
                           f"improvement ({numbers}); on_inconclusive={rules.on_inconclusive}")
     return verdict
+
+
+def decide(y_true, challenger_pred, champion_pred, labels: list[str], rules: GateRules, *, seed: int = 0) -> GateDecision:
+    """Compare challenger with champion on the same rows.
+
+    Args:
+        y_true, challenger_pred, champion_pred: label indices into ``labels``; ``champion_pred`` None when the
+            model has no champion yet (the first model is promoted if it clears the floors).
+    """
+    y_true, challenger_pred = np.asarray(y_true), np.asarray(challenger_pred)
+    k = len(labels)
+    conf_a = confusion_matrix(y_true, challenger_pred, k)
+    scores_a = _scores(conf_a)
+    early = screen(scores_a, rules, has_champion=champion_pred is not None)
+    if early is not None:
+        return early
+    champion_pred = np.asarray(champion_pred)
+    conf_b = confusion_matrix(y_true, champion_pred, k)
+    recall_change = class_scores(conf_a)[1] - class_scores(conf_b)[1]
+    recall_deltas = {label: round(float(d), 6) for label, d in zip(labels, recall_change)}
+    bounds = paired_bootstrap(y_true, challenger_pred, champion_pred, k, rules.metric,
+                              n=rules.n_bootstrap, confidence=rules.confidence, seed=seed)
+    return judge(rules, scores_a, _scores(conf_b), recall_deltas, bounds,
+                 mcnemar_p(y_true, challenger_pred, champion_pred, "greater"),
+                 mcnemar_p(y_true, challenger_pred, champion_pred, "less"))

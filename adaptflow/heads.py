@@ -199,6 +199,27 @@ def _new_head(cfg: HeadConfig, in_dim: int, n_classes: int, device: str) -> Head
 # ------------------------------------------------------------------------------------------ L-BFGS (linear)
 
 
+class PassHistory(list):
+    """The training history of a full-batch fit: one entry per pass over the rows (call it after each)."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.last = rows, time.perf_counter()
+
+    def __call__(self, data: float, objective: float) -> None:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        self.append({"epoch": len(self) + 1, "train_loss": data, "objective": objective, "seconds": dt,
+                     "rows_per_s": self.rows / max(dt, 1e-9)})
+
+
+def lbfgs_optimizer(head: nn.Module, max_iter: int) -> torch.optim.LBFGS:
+    """Full-batch L-BFGS as every head here uses it (strong Wolfe line search; sklearn-like tolerances)."""
+    return torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, max_eval=max_iter * 5 // 4,
+                             tolerance_grad=1e-6, tolerance_change=1e-10, history_size=10,
+                             line_search_fn="strong_wolfe")
+
+
 def _lbfgs(head: Head, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]], n_rows: int, C: float,
            weight: torch.Tensor | None, max_iter: int, on_pass: Callable[[float, float], None] | None = None) -> int:
     """Minimise (sum of cross-entropy + ||W||^2 / (2C)) / n_rows over ``chunks()`` (all rows, in pieces) from the
@@ -208,9 +229,7 @@ def _lbfgs(head: Head, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.T
     # costs half that under the same penalty, so two classes take it doubled to keep C's meaning
     penalty = (2.0 if n_classes == 2 else 1.0) / (2.0 * C)
     matrices = [p for p in head.parameters() if p.dim() >= 2]  # biases unpenalised, as sklearn's intercept
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, max_eval=max_iter * 5 // 4,
-                                  tolerance_grad=1e-6, tolerance_change=1e-10, history_size=10,
-                                  line_search_fn="strong_wolfe")
+    optimizer = lbfgs_optimizer(head, max_iter)
     passes = 0
 
     def closure():
@@ -303,14 +322,7 @@ def _fit_lbfgs(X, y, n_classes, cfg: HeadConfig, device, log, block_rows) -> Fit
         log(f"no temperature: too few rows ({len(ys)}) for {cfg.cv_folds}-fold cross-validation")
 
     head = _zero_linear(cfg, X.shape[1], n_classes, device)
-    history: list[dict] = []
-    t_pass = [time.perf_counter()]
-
-    def on_pass(data: float, objective: float):
-        now = time.perf_counter()
-        dt, t_pass[0] = now - t_pass[0], now
-        history.append({"epoch": len(history) + 1, "train_loss": data, "objective": objective, "seconds": dt,
-                        "rows_per_s": len(y) / max(dt, 1e-9)})
+    history = on_pass = PassHistory(len(y))
 
     if len(sample) < len(y):  # warm start from the sample's solution, then all rows
         _lbfgs(head, _tensor_chunks(Xs, ys), len(ys), C, weight, cfg.max_iter)

@@ -39,13 +39,14 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from adaptflow.data import DataError, format_rows, is_missing
+from adaptflow.validate import ValidationResult
 
 TASKS = ("multiclass", "multilabel")
 EMPTY_LABEL_POLICIES = ("keep", "quarantine")
@@ -199,18 +200,6 @@ class MultilabelRules:
             raise ValueError(f"min_class_count must be >= 1, got {self.min_class_count}")
 
 
-@dataclass
-class MultilabelValidation:
-    """Clean splits (``label``: canonical JSON lists), quarantined and dropped rows, labels and a report."""
-
-    train: pd.DataFrame
-    test: pd.DataFrame
-    quarantine: pd.DataFrame
-    labels: list[str]
-    report: dict
-    dropped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=QUARANTINE_COLUMNS))
-
-
 def _case_key(label: str) -> str:
     return " ".join(label.split()).casefold()
 
@@ -241,7 +230,7 @@ def _fold_case(sets: list[list[str] | None], mode: str, name: str) -> dict:
 
 
 def validate_multilabel(train: pd.DataFrame, test: pd.DataFrame, *, rules: MultilabelRules,
-                        source: str) -> MultilabelValidation:
+                        source: str) -> ValidationResult:
     """Clean a multi-label split (see the module docstring); each row gets at most one reason, the first rule's.
 
     Raises:
@@ -350,7 +339,7 @@ def validate_multilabel(train: pd.DataFrame, test: pd.DataFrame, *, rules: Multi
         raise DataError(f"{source}: cannot train: {problem}. Removed: {found}; rare labels: {rare or 'none'}. "
                         f"See the quarantine table; fix the source or relax data.min_class_count/"
                         f"max_quarantine_fraction.")
-    return MultilabelValidation(clean_train, clean_test, quarantine, labels, report, dropped)
+    return ValidationResult(clean_train, clean_test, quarantine, labels, report, dropped)  # label: JSON lists
 
 
 # ----------------------------------------------------------------------------------------------- thresholds
@@ -461,14 +450,13 @@ def _pos_weight(cfg, Y: np.ndarray, device: str):
 
 def _lbfgs(head, X, Y, C: float, pos_weight, max_iter: int, on_pass=None) -> int:
     """Minimise (sum of BCE + ||W||^2 / (2C)) / n full-batch; returns the passes over the rows."""
-    import torch
     import torch.nn.functional as F
+
+    from adaptflow.heads import lbfgs_optimizer
 
     n = len(X)
     matrices = [p for p in head.parameters() if p.dim() >= 2]
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, max_eval=max_iter * 5 // 4,
-                                  tolerance_grad=1e-6, tolerance_change=1e-10, history_size=10,
-                                  line_search_fn="strong_wolfe")
+    optimizer = lbfgs_optimizer(head, max_iter)
     passes = 0
 
     def closure():
@@ -493,6 +481,8 @@ def _macro_f1_at(proba: np.ndarray, Y: np.ndarray, thresholds) -> float:
 
 def _fit_lbfgs(X, Y, cfg, device, log) -> MultilabelFit:
     import torch
+
+    from adaptflow.heads import PassHistory
 
     n, k = Y.shape
     pos_weight = _pos_weight(cfg, Y, device)
@@ -523,14 +513,7 @@ def _fit_lbfgs(X, Y, cfg, device, log) -> MultilabelFit:
     else:
         log(f"thresholds stay at {DEFAULT_THRESHOLD}: too few rows ({n}) for {cfg.cv_folds}-fold cross-validation")
     head = _new_head(cfg, X.shape[1], k, device, zero=True)
-    history: list[dict] = []
-    t_pass = [time.perf_counter()]
-
-    def on_pass(data: float, objective: float):
-        now = time.perf_counter()
-        dt, t_pass[0] = now - t_pass[0], now
-        history.append({"epoch": len(history) + 1, "train_loss": data, "objective": objective, "seconds": dt,
-                        "rows_per_s": n / max(dt, 1e-9)})
+    history = on_pass = PassHistory(n)
 
     passes = _lbfgs(head, Xt, Yt, cfg.C, pos_weight, cfg.max_iter, on_pass)
     log(f"L-BFGS: {passes} passes over the {n} rows, C = {cfg.C:g}, train loss {history[-1]['train_loss']:.4f}, "
@@ -803,17 +786,14 @@ def decide_multilabel(Y, challenger, champion, labels: list[str], rules, *, seed
     ``labels`` order; ``champion`` None for the first model), by the rules of :func:`adaptflow.gate.decide`:
     floors, per-label recall drops (``max_class_drop``), ``min_delta``, then the evidence of the selected tests
     (paired bootstrap of ``rules.metric`` over rows; McNemar on subset accuracy)."""
-    from adaptflow.gate import GateDecision, mcnemar_p
+    from adaptflow.gate import judge, mcnemar_p, screen
 
     Y, A = np.asarray(Y) > 0, np.asarray(challenger) > 0
     scores_a = {k: v for k, v in multilabel_scores(Y, A).items() if k in ("accuracy", "macro_f1", "micro_f1",
                                                                          "hamming_loss")}
-    below = {m: v for m, v in rules.min_metric.items() if scores_a[m] < v}
-    if below:
-        floors = ", ".join(f"{m} {scores_a[m]:.4f} < floor {v}" for m, v in below.items())
-        return GateDecision("reject", f"below absolute floor: {floors}", rules.metric, scores_a)
-    if champion is None:
-        return GateDecision("promote", "first model of this name (clears the floors)", rules.metric, scores_a)
+    early = screen(scores_a, rules, has_champion=champion is not None)
+    if early is not None:
+        return early
     B = np.asarray(champion) > 0
     scores_b = {k: v for k, v in multilabel_scores(Y, B).items() if k in scores_a}
 
@@ -822,45 +802,12 @@ def decide_multilabel(Y, challenger, champion, labels: list[str], rules, *, seed
         return np.divide(tp, tp + fn, out=np.zeros_like(tp), where=tp + fn > 0)
 
     recall_deltas = {label: round(float(d), 6) for label, d in zip(labels, recall(A) - recall(B))}
-    delta = scores_a[rules.metric] - scores_b[rules.metric]
-    low, high = paired_bootstrap_rows(Y, A, B, rules.metric, n=rules.n_bootstrap, confidence=rules.confidence,
-                                      seed=seed)
+    bounds = paired_bootstrap_rows(Y, A, B, rules.metric, n=rules.n_bootstrap, confidence=rules.confidence,
+                                   seed=seed)
     right_a, right_b = np.all(A == Y, axis=1).astype(int), np.all(B == Y, axis=1).astype(int)
     ones = np.ones(len(Y), dtype=int)
-    p, p_worse = mcnemar_p(ones, right_a, right_b, "greater"), mcnemar_p(ones, right_a, right_b, "less")
-    alpha = 1 - rules.confidence
-    needed = ["bootstrap", "mcnemar"] if rules.test == "both" else [rules.test]
-
-    def verdict_of(up: bool, down: bool) -> str:
-        return "better" if up else "worse" if down else "inconclusive"
-
-    evidence = {"bootstrap": verdict_of(low > 0, high < 0), "mcnemar": verdict_of(p < alpha, p_worse < alpha)}
-    evidence = {t: evidence[t] for t in needed}
-    verdict = GateDecision("hold", "", rules.metric, scores_a, scores_b, round(delta, 6), round(low, 6),
-                           round(high, 6), round(p, 6), recall_deltas, round(p_worse, 6), evidence)
-    numbers = (f"one-sided bounds [{low:+.4f}, {high:+.4f}] (bootstrap over rows), McNemar on subset accuracy "
-               f"p(better)={p:.3g} p(worse)={p_worse:.3g}, at confidence {rules.confidence}")
-    dropped = {label: d for label, d in recall_deltas.items() if d < -rules.max_class_drop}
-    worse = [t for t, e in evidence.items() if e == "worse"]
-    if dropped:
-        verdict.decision = "reject"
-        verdict.reason = "recall dropped beyond max_class_drop={} for label(s): {}".format(
-            rules.max_class_drop, ", ".join(f"{label} {d:+.3f}" for label, d in dropped.items()))
-    elif delta < rules.min_delta:
-        verdict.decision = "reject"
-        verdict.reason = f"{rules.metric} changed by {delta:+.4f}, less than min_delta={rules.min_delta}"
-    elif worse:
-        verdict.decision = "reject"
-        verdict.reason = (f"{rules.metric} changed by {delta:+.4f}, but the challenger is significantly worse by "
-                          f"{' and '.join(worse)}; {numbers}")
-    elif all(e == "better" for e in evidence.values()):
-        verdict.decision = "promote"
-        verdict.reason = f"{rules.metric} improved by {delta:+.4f}; {numbers}"
-    else:
-        verdict.decision = "promote" if rules.on_inconclusive == "promote" else "hold"
-        verdict.reason = (f"inconclusive: {rules.metric} {delta:+.4f} but {'/'.join(needed)} does not show an "
-                          f"improvement ({numbers}); on_inconclusive={rules.on_inconclusive}")
-    return verdict
+    return judge(rules, scores_a, scores_b, recall_deltas, bounds, mcnemar_p(ones, right_a, right_b, "greater"),
+                 mcnemar_p(ones, right_a, right_b, "less"), accuracy="subset accuracy")
 
 
 def predicted_labels(proba: np.ndarray, labels: Sequence[str], thresholds: Sequence[float]) -> list[list[str]]:

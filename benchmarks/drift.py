@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import MINILM, REPO, RT_CONFIG, RT_CSV, TWEETS, Row, build_tiny_encoder, log, write_config
+from benchmarks.common import REPO, RT_CONFIG, RT_CSV, TWEETS, Row, build_tiny_encoder, log, write_config
 
 BBC = REPO.parent / "shared" / "data" / "bbc_news" / "articles.jsonl"
 HALVES = 20

@@ -191,6 +191,7 @@ def test_scoring_run_checks_its_rows_for_drift(drift_model, drift_env, tmp_path)
     assert set(drift) >= {"score", "ci_low", "ci_high", "drifted", "label_shift", "inputs"}
     assert not drift["drifted"] and drift["ci_low"] < 0.6 and drift["rows"]["new"] == 200, drift["reasons"]
     assert drift["embeddings"] == {"encoded": 0, "cached": 200}  # scoring put every vector in the cache
+    assert drift["rows"]["seen_in_training"] == 0
     assert drift["rows"]["compared"] == drift["rows"]["training_cached"] == drift["rows"]["training"]
     assert 150 < drift["rows"]["training"] < 210  # the hash split's ~75 % of 240
     assert drift["label_shift"]["psi"] is not None and set(drift["label_shift"]["train"]) == {"fresh", "rotten"}
@@ -208,17 +209,6 @@ def test_scoring_run_checks_its_rows_for_drift(drift_model, drift_env, tmp_path)
         (artifact, *_) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drift-report"])),
                                                 limit=1, sort="CREATED_DESC")
     assert "# Drift: drift-test v1 — no drift" in artifact.data and "training" in artifact.data
-
-
-@pytest.fixture
-def restored_environ():
-    """The CLI exports the services' env into os.environ (as a process would): put it back afterwards."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_drift_command_flags_another_domain_and_emits_the_event(drift_model, drift_env, tmp_path, restored_environ):
@@ -239,6 +229,14 @@ def test_drift_command_flags_another_domain_and_emits_the_event(drift_model, dri
     (event, *_) = wait_for_events("adaptflow.drift.detected", "adaptflow.model.drift-test")
     assert event.payload["version"] == "1" and event.payload["score"] == drift["score"]
     assert event.payload["monitoring_run_id"] == result["monitoring_run_id"]
+
+    # the training file itself: its training rows are left out (the same vector on both sides would drag the AUC
+    # below 0.5); the test rows it also holds are compared
+    from flows.drift import check_drift
+
+    own = check_drift("models:/drift-test/1", str(drift_model["folder"] / "train.csv"))["drift"]
+    assert own["rows"]["seen_in_training"] == own["rows"]["training"] and own["rows"]["new"] == 240
+    assert own["rows"]["compared"] == 240 - own["rows"]["training"] and not own["drifted"]
 
     bad = CliRunner().invoke(app, ["drift", "models:/drift-test/1", "--input", str(tmp_path / "none"), "--json"])
     assert bad.exit_code == 2 and "none" in bad.output

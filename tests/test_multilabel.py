@@ -230,7 +230,7 @@ def test_gate_bootstrap_over_rows_and_per_label_recall_drop():
     silent = good.copy()
     silent[:, 2] = False  # never predicts label c: its recall drops to 0, whatever the others do
     verdict = decide_multilabel(Y, silent, good, list("abc"), rules)
-    assert verdict.decision == "reject" and "label(s): c" in verdict.reason
+    assert verdict.decision == "reject" and "max_class_drop=0.1: c -0.95" in verdict.reason
     assert set(verdict.class_recall_deltas) == {"a", "b", "c"}
     floor = decide_multilabel(Y, poor, None, list("abc"), GateRules(min_metric={"macro_f1": 0.9}))
     assert floor.decision == "reject" and "floor" in floor.reason

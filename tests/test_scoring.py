@@ -222,17 +222,6 @@ def test_partitions_without_a_manifest_are_invisible(ctx, registered, tmp_path):
     assert read_scored(f"s3://{registered['bucket']}/s3out", store=store).num_rows == 0
 
 
-@pytest.fixture
-def restored_environ():
-    """The CLI exports the services' env into os.environ (as a process would): put it back afterwards."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def test_cli_json_summary_and_exit_codes(ctx, registered, tmp_path, restored_environ):
     from typer.testing import CliRunner
 
