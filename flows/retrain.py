@@ -9,6 +9,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")  # library l
 from prefect import flow
 from prefect.runtime import flow_run
 
+from adaptflow import serving_check
 from adaptflow.config import RunConfig
 from tasks.changes import check_unchanged_task
 from tasks.data import ingest_data, validate_data
@@ -50,6 +51,8 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
     else:
         trained = embed_and_train(config, tokens, validated, encoder)
     embedded, head = trained["embedded"], trained["head"]
+    if config.gate.smoke_test:  # the gate's fresh interpreter imports its libraries while evaluate and register run
+        serving_check.prestart(config.name)
     evaluation = evaluate_head(config, validated, encoder, embedded, head)
     registered = register_model(config, encoder=encoder, snapshot=snapshot, validated=validated,
                                 embedded=embedded, head=head, evaluation=evaluation)
