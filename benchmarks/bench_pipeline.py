@@ -105,6 +105,7 @@ def bench_incremental(ctx) -> Row:
     df[new].to_parquet(lake / "dt=2026-11-11" / "part-0.parquet", index=False)  # the new day lands
     log(f"incremental: +{int(new.sum())} rows in an 11th partition, same bucket")
     incr = ctx.runner.retrain(cfg, bucket=cold.bucket)
+    ctx.shared["incremental"] = incr  # the peer_incremental row compares the peer with this run
     e0, e1 = cold.summary["embeddings"], incr.summary["embeddings"]
     distinct_new = (e1["encoded"] + e1["cached"]) - (e0["encoded"] + e0["cached"])
     share = incr.wall_s / cold.wall_s

@@ -21,6 +21,13 @@ def test_smoke_runs_every_row(services_env, prefect_harness, tmp_path):
     assert rows["memory"]["data"]["peak_rss_mb"]["1x"] > 0  # a child process, measured by wait4
     assert rows["vs_seed"]["data"]["seed"]["extrapolated"] and rows["vs_seed"]["data"]["ratio"] > 0
     assert rows["encoder"]["data"]["runs"]["bf16"]["ceiling_tokens_per_s"] > 0
+    peer = rows["peer"]["data"]
+    assert peer["peer"]["rows_encoded"] == peer["peer"]["train_rows"] + peer["peer"]["test_rows"] > 0
+    assert peer["adaptflow"]["decision"] == "promote" and peer["ratio"] > 0  # a new name: the serving check ran
+    assert rows["peer_incremental"]["data"]["peer_reused_from_peer_row"]
+    assert rows["peer_incremental"]["data"]["adaptflow_encoded"] == rows["incremental"]["data"]["encoded"]
+    fanout = rows["fanout"]["data"]
+    assert fanout["1_workers"]["wall_s"] > 0 and fanout["2_workers"]["wall_s"] > 0 and fanout["ratio"] > 0
     md = bench.markdown(doc)
     assert md.count("\n| ") == 2 + len(bench.ORDER) and "SMOKE MODE" in md
     json.dumps(doc, default=str)
