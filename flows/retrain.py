@@ -42,6 +42,8 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
         return {**check, "seconds": {"ingest": snapshot["seconds"], "check_unchanged": check["seconds"]}}
     validated = validate_data(config, snapshot)
     encoder = resolve_encoder(config)
+    if config.gate.smoke_test:  # the gate's fresh interpreter imports its libraries (5-8 s) while the stages run
+        serving_check.prestart(config.name)
     tokens = tokenize_texts(config, validated, encoder)
     fan_out_embed(config, tokens, encoder)  # above orchestration.shard_rows: parts on the gpu pool, then all cached
     gpu_deployment = config.orchestration.gpu_deployment or os.environ.get("ADAPTFLOW_GPU_DEPLOYMENT")
@@ -51,8 +53,6 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
     else:
         trained = embed_and_train(config, tokens, validated, encoder)
     embedded, head = trained["embedded"], trained["head"]
-    if config.gate.smoke_test:  # the gate's fresh interpreter imports its libraries while evaluate and register run
-        serving_check.prestart(config.name)
     evaluation = evaluate_head(config, validated, encoder, embedded, head)
     registered = register_model(config, encoder=encoder, snapshot=snapshot, validated=validated,
                                 embedded=embedded, head=head, evaluation=evaluation)
