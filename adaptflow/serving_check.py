@@ -1,8 +1,8 @@
 """The serving check: a registered model must load and predict in a fresh interpreter before it is promoted.
 
-Most of that check's time is the fresh interpreter importing its libraries (MLflow, pandas, torch, transformers:
-5-8 s on two cores), not loading the model. :func:`prestart` starts the interpreter early, while the head trains
-and the version is registered, with only those libraries imported; it then waits for one request on stdin (a
+Most of that check's time is the fresh interpreter importing its libraries (MLflow, pandas, torch,
+transformers), not loading the model. :func:`prestart` starts the interpreter early, while the embeddings,
+the head and the version are made, with only those libraries imported; it then waits for one request on stdin (a
 model URI and a few texts), loads that model with ``mlflow.pyfunc.load_model`` and predicts. The model does not
 exist in it before the request arrives, so it checks exactly what a cold process checks: the logged code, the
 artifacts, the spec and the encoder snapshot load and predict. :func:`check` uses the pre-started interpreter

@@ -44,7 +44,7 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
     encoder = resolve_encoder(config)
     if config.gate.smoke_test and not (check.get("unchanged_since") or check.get("latest_version")):
         # a first version is promoted unless it misses a floor: its serving check's fresh interpreter imports its
-        # libraries (5-8 s) while the stages run (later versions, mostly held, start theirs only on promote)
+        # libraries while the stages run (later versions, mostly held, start theirs only on promote)
         serving_check.prestart(config.name)
     tokens = tokenize_texts(config, validated, encoder)
     fan_out_embed(config, tokens, encoder)  # above orchestration.shard_rows: parts on the gpu pool, then all cached
