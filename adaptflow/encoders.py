@@ -90,7 +90,7 @@ _hash_lock = threading.Lock()
 def file_sha256(path: Path) -> str:
     """A file's sha256 hex, memoised in-process by (path, size, mtime, inode) so re-resolving is cheap."""
     st = os.stat(path)  # follows symlinks: hub snapshots are links into the blob store
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)  # the file itself, under whichever name
     with _hash_lock:
         if key in _hash_cache:
             return _hash_cache[key]
@@ -325,7 +325,7 @@ def weights_problem(path: str | os.PathLike) -> str | None:
     return f"{path} has no model weights (*.safetensors)"
 
 
-_LOADED: OrderedDict[tuple, tuple] = OrderedDict()  # (path, digest, device) -> (tokenizer, model)
+_LOADED: OrderedDict[tuple, tuple] = OrderedDict()  # (digest, device) -> (tokenizer, model)
 _LOADED_MAX = 2
 _LOADED_LOCK = threading.Lock()
 
@@ -333,16 +333,18 @@ _LOADED_LOCK = threading.Lock()
 def load_encoder(resolved: ResolvedEncoder | str | os.PathLike, *, device: str = "cpu"):
     """Load the fast tokenizer and the frozen model (``eval()``, no gradients) from safetensors only.
 
-    The same snapshot (path and digest) on the same device is loaded once per process and shared: a run's
-    stages (resolve, tokenize, embed, register's serving check) would otherwise load it four times (~0.5-1 s
-    each). A changed file changes the digest, so it can never be served stale. Treat the result as read-only.
+    The same snapshot (by digest) on the same device is loaded once per process and shared, wherever its files
+    lie: a run's stages (resolve from the package folder, tokenize and embed from the pinned S3 snapshot's local
+    copy, the gate) would otherwise load it three or four times (~0.5-1 s each). Two folders with one digest hold
+    the same files (the digest hashes every path and byte), and a changed file changes the digest, so it can never
+    be served stale. Treat the result as read-only.
 
     Returns:
         (tokenizer, model).
     """
     if not isinstance(resolved, ResolvedEncoder):
         resolved = resolve_encoder(resolved)
-    key = (str(resolved.path), resolved.digest, str(device))
+    key = (resolved.digest, str(device))
     with _LOADED_LOCK:
         if key in _LOADED:
             _LOADED.move_to_end(key)
@@ -426,7 +428,7 @@ def resolve_expected(
 # ---- publishing ---------------------------------------------------------------------------------------
 
 
-def pin_encoder(resolved: ResolvedEncoder, store: ArtifactStore) -> str:
+def pin_encoder(resolved: ResolvedEncoder, store: ArtifactStore, *, cache_dir: str | os.PathLike | None = None) -> str:
     """The ``s3://`` snapshot of a resolved encoder: a folder, package or hub encoder is pushed to the store
     content-addressed (as ``adaptflow encoder push`` does; a no-op when it is there already), an ``s3://`` one
     already is a snapshot.
@@ -434,10 +436,38 @@ def pin_encoder(resolved: ResolvedEncoder, store: ArtifactStore) -> str:
     Every later stage (a GPU worker on another machine, the gate, serving) loads exactly that snapshot by ref +
     digest (:func:`resolve_expected`); a file that changed between hashing and upload makes the snapshot fail its
     digest at the first download rather than serve other weights.
+
+    With ``cache_dir``, this machine's copy of the snapshot is filled from the local files (copied, then checked
+    against the digest), so the stages after this one on this machine do not download what was just uploaded.
     """
     if resolved.source == "s3":
         return resolved.ref
-    return _publish(resolved, snapshot_name(resolved), store)
+    ref = _publish(resolved, snapshot_name(resolved), store)
+    if cache_dir is not None:
+        _seed_cache(resolved, Path(cache_dir).expanduser() / "encoders")
+    return ref
+
+
+def _seed_cache(resolved: ResolvedEncoder, root: Path) -> None:
+    """Copy a local snapshot into the s3-snapshot cache (what :func:`_download_snapshot` would have fetched)."""
+    target = root / resolved.digest_hex
+    if target.is_dir():
+        return  # verified by digest on every resolve; a bad copy is replaced there
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
+    try:
+        for rel, source in snapshot_files(resolved.path).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / rel)  # a copy, never a link: tampering with the cache must not reach the source
+        if folder_digest(tmp) != resolved.digest:
+            log.warning("%s changed while being copied into the encoder cache; not caching it", resolved.path)
+            return
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            pass  # a concurrent resolve put a (verified-on-use) copy there first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def snapshot_name(resolved: ResolvedEncoder) -> str:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -111,21 +108,20 @@ def unseen_by(ctx: StageContext, champion, texts: list[str]) -> tuple[np.ndarray
                             f"v{champion.version} trained on them)" if excluded else "")
 
 
-def smoke_test(model_uri: str, env: dict[str, str], texts: list[str] = SMOKE_TEXTS, timeout: float = 300) -> list[dict]:
-    """Load ``model_uri`` through mlflow.pyfunc in a fresh process and predict ``texts``; raise if it cannot."""
-    code = ("import json, sys, mlflow.pyfunc, pandas as pd\n"
-            "from adaptflow.serving import rows_as_predictions\n"
-            "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
-            "print(json.dumps(rows_as_predictions(m.predict(pd.DataFrame({'text': json.loads(sys.argv[2])})))))\n")
-    done = subprocess.run([sys.executable, "-c", code, model_uri, json.dumps(texts)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
-    if done.returncode != 0:
-        raise RuntimeError(f"serving smoke test of {model_uri} failed in a fresh process:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def smoke_test(model_uri: str, env: dict[str, str], texts: list[str] = SMOKE_TEXTS, timeout: float = 300, *,
+               key: str | None = None) -> list[dict]:
+    """Load ``model_uri`` through mlflow.pyfunc in a fresh process and predict ``texts``; raise if it cannot.
+
+    ``key`` (the model name): use the interpreter :func:`adaptflow.serving_check.prestart` started for it, which
+    has imported its libraries meanwhile but not seen the model."""
+    from adaptflow import serving_check
+
+    return serving_check.check(model_uri, env, texts, key=key, timeout=timeout)
 
 
 def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registered: dict) -> dict:
     """Decide promote / reject / hold for the registered challenger and move ``champion`` on promote."""
+    from adaptflow import serving_check
     from adaptflow.locks import store_lock
     from adaptflow.registry import CHAMPION, alias_history, client_for, current_alias, move_alias
 
@@ -182,7 +178,9 @@ def gate_stage(ctx: StageContext, config: RunConfig, *, validated: dict, registe
                 verdict.reason += note
             verdict.rows_compared, verdict.rows_excluded = int(keep.sum()), excluded
         if verdict.decision == "promote" and config.gate.smoke_test:
-            smoke_test(f"models:/{name}/{version}", ctx.settings.process_env())
+            smoke_test(f"models:/{name}/{version}", ctx.settings.process_env(), key=name)
+        else:
+            serving_check.discard(name)  # a check pre-started for this run is not needed
         moved = None
         if verdict.decision == "promote":
             lease.fence()  # LockLost when another run took the lease over meanwhile: never move on a stale decision

@@ -90,7 +90,8 @@ def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
             f"encoder.max_length={config.encoder.max_length} exceeds what encoder {config.encoder.ref} supports "
             f"({limit} positions); set encoder.max_length to at most {limit}"
         )
-    return {"ref": pin_encoder(resolved, ctx.store), "digest": resolved.digest, "source_ref": config.encoder.ref,
+    pinned = pin_encoder(resolved, ctx.store, cache_dir=ctx.settings.cache_dir)  # later stages load this copy
+    return {"ref": pinned, "digest": resolved.digest, "source_ref": config.encoder.ref,
             "hidden_size": int(model.config.hidden_size), "max_positions": limit}
 
 

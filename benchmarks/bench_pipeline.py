@@ -105,6 +105,7 @@ def bench_incremental(ctx) -> Row:
     df[new].to_parquet(lake / "dt=2026-11-11" / "part-0.parquet", index=False)  # the new day lands
     log(f"incremental: +{int(new.sum())} rows in an 11th partition, same bucket")
     incr = ctx.runner.retrain(cfg, bucket=cold.bucket)
+    ctx.shared["incremental"] = incr  # the peer_incremental row compares the peer with this run
     e0, e1 = cold.summary["embeddings"], incr.summary["embeddings"]
     distinct_new = (e1["encoded"] + e1["cached"]) - (e0["encoded"] + e0["cached"])
     share = incr.wall_s / cold.wall_s
@@ -147,13 +148,15 @@ def bench_overhead(ctx) -> Row:
     in_stages = sum(v for v in stages.values() if isinstance(v, (int, float)))
     imports = [import_floor_s() for _ in range(n)]
     floor = statistics.median(imports)
-    data = {"walls": walls, "median_s": statistics.median(walls), "stages": stages, "stages_sum_s": in_stages,
+    cpu = [r.cpu_s for r in runs if r.cpu_s is not None]
+    data = {"walls": walls, "median_s": statistics.median(walls), "cpu_s": cpu, "stages": stages, "stages_sum_s": in_stages,
             "outside_stages_s": med.wall_s - in_stages, "peak_rss_mb": med.peak_rss_mb, "import_floor_s": imports,
             "beyond_imports_s": statistics.median(walls) - floor}
     top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:4])
     measured = (f"median **{fmt_s(statistics.median(walls))}** per run (min {fmt_s(min(walls))}), of which "
                 f"{floor:.1f} s is importing torch/transformers/Prefect/MLflow, **{data['beyond_imports_s']:.1f} s** "
-                f"the rest; stages {in_stages:.1f} s (largest: {top})")
+                f"the rest; stages {in_stages:.1f} s (largest: {top})"
+                + (f"; CPU {statistics.median(cpu):.1f} s a run, children included" if cpu else ""))
     return Row("overhead", "fixed overhead (100 rows)", measured, "<= 10 s per run, warm stack",
                statistics.median(walls) <= 10,
                "each run a fresh `adaptflow retrain` process and a fresh bucket; the import floor is a `python -c` "

@@ -234,6 +234,7 @@ class RunResult:
     bucket: str
     stderr_tail: str = ""
     peak_rss_tree_mb: float | None = None  # wait4's ru_maxrss: the largest of it and the children it waited for
+    cpu_s: float | None = None  # user + system CPU seconds of it and the children it waited for (wait4)
 
 
 class _PeakSampler(threading.Thread):
@@ -299,7 +300,8 @@ class Runner:
         summary = json.loads(stdout.strip().splitlines()[-1])
         # ru_maxrss is in KiB on Linux; the sampler misses at most the last 50 ms before exit (teardown)
         own = sampler.peak_kb / 1024 if sampler.peak_kb else None
-        return RunResult(summary, wall, own, bucket, stderr[-2000:], peak_rss_tree_mb=usage.ru_maxrss / 1024)
+        return RunResult(summary, wall, own, bucket, stderr[-2000:], peak_rss_tree_mb=usage.ru_maxrss / 1024,
+                         cpu_s=usage.ru_utime + usage.ru_stime)
 
     def _here(self, config: Path, sets, env: dict, bucket: str, force: bool = True) -> RunResult:
         from adaptflow.config import load_config

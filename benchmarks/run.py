@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # every row (~20 min on 2 cores); also updates RESULTS.md
     python -m benchmarks.run --smoke              # tiny data and a tiny encoder: proves every row runs (CI)
     python -m benchmarks.run --only vs_seed,encoder
+    python -m benchmarks.run --only fanout --fanout-rows 20000   # a smaller fan-out than the issue's 200k
     python -m benchmarks.run --services .adaptflow   # use a running stack instead of starting a private one
 
 Every comparison runs both sides in this one invocation and reports ratios: on a shared machine the absolute
@@ -30,8 +31,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from benchmarks.common import REPO, Row, Runner, Services, loadavg, log, machine_info, rmtree, services  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["vs_seed", "incremental", "encoder", "overhead", "noop", "memory", "drift", "gpu"]
-NEEDS_SERVICES = {"vs_seed", "incremental", "overhead", "noop", "memory", "drift"}
+ORDER = ["vs_seed", "incremental", "peer", "peer_incremental", "encoder", "overhead", "noop", "memory", "drift", "fanout",
+         "gpu"]
+NEEDS_SERVICES = {"vs_seed", "incremental", "peer", "peer_incremental", "overhead", "noop", "memory", "drift"}
 
 
 @dataclass
@@ -39,27 +41,29 @@ class Context:
     smoke: bool
     work: Path
     seed_full: bool = False
+    fanout_rows: int = 200_000
     svc: Services | None = None
     runner: Runner | None = None
     shared: dict = field(default_factory=dict)
 
 
 def _bench(name: str):
-    from benchmarks import bench_encoder, bench_pipeline, drift
+    from benchmarks import bench_encoder, bench_peer, bench_pipeline, drift
 
-    return {"vs_seed": bench_pipeline.bench_vs_seed, "incremental": bench_pipeline.bench_incremental,
+    return {"peer": bench_peer.bench_peer, "peer_incremental": bench_peer.bench_peer_incremental,
+            "fanout": bench_peer.bench_fanout, "vs_seed": bench_pipeline.bench_vs_seed, "incremental": bench_pipeline.bench_incremental,
             "overhead": bench_pipeline.bench_overhead, "memory": bench_pipeline.bench_memory,
             "noop": bench_pipeline.bench_noop, "drift": drift.bench_drift,
             "encoder": bench_encoder.bench_encoder, "gpu": bench_encoder.bench_gpu}[name]
 
 
 def run(names: list[str], *, smoke: bool, services_mode: str, seed_full: bool = False,
-        work: Path | None = None) -> dict:
+        work: Path | None = None, fanout_rows: int = 200_000) -> dict:
     """Run the named benchmarks; returns the results document (also what ``latest.json`` holds)."""
     own_work = work is None
     work = Path(work or tempfile.mkdtemp(prefix="adaptflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(smoke=smoke, work=work, seed_full=seed_full)
+    ctx = Context(smoke=smoke, work=work, seed_full=seed_full, fanout_rows=fanout_rows)
     started, load0 = time.time(), loadavg()
     doc = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": smoke, "machine": machine_info(),
            "load_avg_start": load0, "rows": []}
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                         "environment names; else the state dir of a running stack")
     p.add_argument("--seed-full", action="store_true",
                    help="run all 5 seed-loop epochs through the encoder (default: epoch 1, the rest charged its time)")
+    p.add_argument("--fanout-rows", type=int, default=200_000,
+                   help="rows the fan-out row embeds with 1 and then 2 workers (the issue sizes it at 200k)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where latest.json and latest.md go")
     p.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir, removed at the end)")
     args = p.parse_args(argv)
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(ORDER)}")
     names = [n for n in ORDER if n in names]
-    doc = run(names, smoke=args.smoke, services_mode=args.services, seed_full=args.seed_full, work=args.work)
+    doc = run(names, smoke=args.smoke, services_mode=args.services, seed_full=args.seed_full, work=args.work,
+              fanout_rows=args.fanout_rows)
     md = markdown(doc)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -9,6 +9,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")  # library l
 from prefect import flow
 from prefect.runtime import flow_run
 
+from adaptflow import serving_check
 from adaptflow.config import RunConfig
 from tasks.changes import check_unchanged_task
 from tasks.data import ingest_data, validate_data
@@ -41,6 +42,10 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
         return {**check, "seconds": {"ingest": snapshot["seconds"], "check_unchanged": check["seconds"]}}
     validated = validate_data(config, snapshot)
     encoder = resolve_encoder(config)
+    if config.gate.smoke_test and not (check.get("unchanged_since") or check.get("latest_version")):
+        # a first version is promoted unless it misses a floor: its serving check's fresh interpreter imports its
+        # libraries while the stages run (later versions, mostly held, start theirs only on promote)
+        serving_check.prestart(config.name)
     tokens = tokenize_texts(config, validated, encoder)
     fan_out_embed(config, tokens, encoder)  # above orchestration.shard_rows: parts on the gpu pool, then all cached
     gpu_deployment = config.orchestration.gpu_deployment or os.environ.get("ADAPTFLOW_GPU_DEPLOYMENT")

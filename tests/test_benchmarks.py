@@ -11,10 +11,14 @@ import pytest
 from benchmarks import run as bench
 
 
+# the fan-out row starts its own S3, Prefect server and two workers (minutes): it has its own slow smoke test below
+FAST = [name for name in bench.ORDER if name != "fanout"]
+
+
 def test_smoke_runs_every_row(services_env, prefect_harness, tmp_path):
-    doc = bench.run(bench.ORDER, smoke=True, services_mode="env", work=tmp_path / "work")
+    doc = bench.run(FAST, smoke=True, services_mode="env", work=tmp_path / "work")
     rows = {r["name"]: r for r in doc["rows"]}
-    assert list(rows) == bench.ORDER
+    assert list(rows) == FAST
     failed = {name: r["data"].get("error", r["measured"]) for name, r in rows.items() if r["measured"].startswith("FAILED")}
     assert not failed, failed
     assert rows["incremental"]["data"]["encoded"] == rows["incremental"]["data"]["new_distinct_texts"] > 0
@@ -22,9 +26,24 @@ def test_smoke_runs_every_row(services_env, prefect_harness, tmp_path):
     assert rows["vs_seed"]["data"]["seed"]["extrapolated"] and rows["vs_seed"]["data"]["ratio"] > 0
     assert rows["encoder"]["data"]["runs"]["bf16"]["ceiling_tokens_per_s"] > 0
     assert len(rows["drift"]["data"]["halves_auc"]) == 20 and rows["drift"]["data"]["scored_rows"] == 300
+    peer = rows["peer"]["data"]
+    assert peer["peer"]["rows_encoded"] == peer["peer"]["train_rows"] + peer["peer"]["test_rows"] > 0
+    assert peer["adaptflow"]["decision"] == "promote" and peer["ratio"] > 0  # a new name: the serving check ran
+    assert rows["peer_incremental"]["data"]["peer_reused_from_peer_row"]
+    assert rows["peer_incremental"]["data"]["adaptflow_encoded"] == rows["incremental"]["data"]["encoded"]
     md = bench.markdown(doc)
-    assert md.count("\n| ") == 2 + len(bench.ORDER) and "SMOKE MODE" in md
+    assert md.count("\n| ") == 2 + len(FAST) and "SMOKE MODE" in md
     json.dumps(doc, default=str)
+
+
+@pytest.mark.slow
+def test_smoke_fanout_row(tmp_path):
+    doc = bench.run(["fanout"], smoke=True, services_mode="env", work=tmp_path / "work")
+    row = doc["rows"][0]
+    assert not row["measured"].startswith("FAILED"), row["data"].get("error", row["measured"])
+    fanout = row["data"]
+    assert fanout["rows_encoded"] == 64 and fanout["1_workers"]["wall_s"] > 0 and fanout["2_workers"]["wall_s"] > 0
+    assert len(fanout["1_workers"]["parts"]) == len(fanout["2_workers"]["parts"]) == 2 and fanout["ratio"] > 0
 
 
 def test_cli_arguments_and_results_files(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from adaptflow.encoders import (
     encoder_max_length,
     folder_digest,
     load_encoder,
+    pin_encoder,
     push_encoder,
     resolve_encoder,
 )
@@ -115,6 +116,22 @@ def test_push_then_resolve_from_s3_with_a_verified_cache(tiny_encoder_path, stor
 
     tokenizer, model = load_encoder(again)
     assert model.config.hidden_size == 32
+
+
+def test_pinning_fills_this_machines_snapshot_cache_so_later_stages_download_nothing(tiny_copy, store, tmp_path):
+    local = resolve_encoder(tiny_copy)
+    cache = tmp_path / "cache"
+    s3_ref = pin_encoder(local, store, cache_dir=cache)
+    copy = cache / "encoders" / local.digest_hex
+    assert folder_digest(copy) == local.digest and not (copy / "model.safetensors").samefile(
+        tiny_copy / "model.safetensors")  # a copy: tampering with the cache can never reach the source
+
+    calls = count_calls(store)
+    pinned = resolve_encoder(s3_ref, store=store, cache_dir=cache)
+    assert pinned.path == copy.resolve() and pinned.digest == local.digest
+    assert calls["GetObject"] == 1  # the manifest only
+    # one load per digest and device, whichever folder holds the files
+    assert load_encoder(pinned) is load_encoder(local)
 
 
 def test_s3_outage_falls_back_to_a_verified_cache(tiny_encoder_path, store, tmp_path):
