@@ -72,9 +72,15 @@ class HeadSection(_Section):
     training rows: probabilities change, predictions do not. ``solver: adamw`` (the only one for ``mlp``)
     trains with mini-batches instead: a stratified hold-out picks the epoch count by early stopping, then the
     head is refit on all rows for that many epochs.
+
+    ``kind: lora`` trains low-rank adapters (Hugging Face peft) on the encoder's ``lora_targets`` projections
+    together with a linear head on the pooled output (the encoder's pooling), on the tokenized rows, by AdamW
+    (``lr``, ``batch_size``, ``weight_decay``; ``epochs`` unset: 3), bf16 autocast where ``encoder.dtype``
+    resolves to bf16; the head starts as the L-BFGS linear head on the frozen vectors (``C``), and
+    ``val_fraction`` of the rows are held out to report validation accuracy each epoch (see adaptflow.adapters).
     """
 
-    kind: Literal["linear", "mlp"] = "linear"  # mlp: Linear-GELU-Dropout-Linear
+    kind: Literal["linear", "mlp", "lora"] = "linear"  # mlp: Linear-GELU-Dropout-Linear; lora: see below
     solver: Literal["lbfgs", "adamw"] | None = Field(None, description="unset: lbfgs for linear, adamw for mlp")
     C: float = Field(1.0, gt=0, allow_inf_nan=False, description="lbfgs: inverse L2 strength, as sklearn's C")
     calibrate: StrictBool = Field(True, description="lbfgs: divide the logits by a cross-validated temperature")
@@ -92,11 +98,19 @@ class HeadSection(_Section):
                                 description="adamw: stratified hold-out for early stopping (0: all epochs, no refit)")
     patience: int = Field(10, ge=1, description="adamw: epochs without a better validation loss before stopping")
     normalize: StrictBool = Field(True, description="L2-normalise inputs (the reference recipe)")
+    lora_rank: int = Field(8, ge=1, le=256, description="lora: rank r of each adapter")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="lora: scale alpha (updates scaled by alpha/r)")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="lora: dropout on the adapters' input")
+    lora_targets: list[str] = Field(["query", "key", "value", "dense"], min_length=1,
+                                    description="lora: names of the encoder's linear layers that get adapters "
+                                    "(BERT: attention query/key/value and the dense projections)")
 
     @model_validator(mode="after")
     def _solver_fits_kind(self):
         if self.kind == "mlp" and self.solver == "lbfgs":
             raise ValueError("solver 'lbfgs' is for kind 'linear'; an mlp trains with 'adamw'")
+        if self.kind == "lora" and self.solver == "lbfgs":
+            raise ValueError("solver 'lbfgs' is for kind 'linear'; lora trains adapters and head with 'adamw'")
         return self
 
     def head_kwargs(self) -> dict[str, Any]:
