@@ -39,6 +39,7 @@ from adaptflow.heads import Head, HeadConfig, stratified_holdout
 
 ADAPTER_FORMAT = "adaptflow-lora/1"
 DEFAULT_EPOCHS = 3  # lora when head.epochs is unset (the adamw heads' default of 100 is for a head alone)
+DEFAULT_BATCH_SIZE = 16  # lora when head.batch_size is unset: more, smaller steps in few epochs
 WARMUP_FRACTION = 0.06  # of all steps: linear warm-up, then linear decay to 0
 CHUNK_BATCHES = 50  # rows are shuffled, then sorted by length within chunks of this many batches (less padding)
 
@@ -266,7 +267,8 @@ def train_lora(
     y = np.asarray(y, dtype=np.int64)
     if len(ids) != len(y) or len(y) == 0:
         raise ValueError(f"need one label per row; got {len(ids)} rows and {len(y)} labels")
-    epochs, lr, batch_size = resolved_epochs(cfg), cfg.resolved_lr, cfg.batch_size
+    epochs, lr = resolved_epochs(cfg), cfg.resolved_lr
+    batch_size = cfg.batch_size if "batch_size" in cfg.model_fields_set else DEFAULT_BATCH_SIZE
     train_rows, val_rows = stratified_holdout(y, cfg.val_fraction, np.random.default_rng(cfg.seed))
     config = lora_config(cfg)
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []

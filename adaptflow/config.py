@@ -75,7 +75,7 @@ class HeadSection(_Section):
 
     ``kind: lora`` trains low-rank adapters (Hugging Face peft) on the encoder's ``lora_targets`` projections
     together with a linear head on the pooled output (the encoder's pooling), on the tokenized rows, by AdamW
-    (``lr``, ``batch_size``, ``weight_decay``; ``epochs`` unset: 3), bf16 autocast where ``encoder.dtype``
+    (``lr``, ``weight_decay``; ``epochs`` unset: 3, ``batch_size`` unset: 16), bf16 autocast where ``encoder.dtype``
     resolves to bf16; the head starts as the L-BFGS linear head on the frozen vectors (``C``), and
     ``val_fraction`` of the rows are held out to report validation accuracy each epoch (see adaptflow.adapters).
     """
@@ -89,7 +89,7 @@ class HeadSection(_Section):
     epochs: int = Field(100, ge=1, description="adamw: upper bound, and the cosine schedule's length")
     lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
                              description="adamw; unset: 1e-2 linear, 1e-3 mlp")
-    batch_size: int = Field(64, ge=1, description="adamw")
+    batch_size: int = Field(64, ge=1, description="adamw (lora: unset means 16)")
     weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="adamw: decoupled, weights only")
     hidden_dim: int = Field(256, ge=1, description="mlp")
     dropout: float = Field(0.1, ge=0, lt=1, description="mlp")
