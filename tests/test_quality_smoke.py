@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quality_smoke_runs_the_three_classifiers_per_cell(tmp_path):
     out = tmp_path / "quality.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--seeds", "2", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--seeds", "2", "--json", str(out),
+                           "--lora", "--lora-rows", "120", "--lora-epochs", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1 = a bar missed, which tiny random vectors may do
     doc = json.loads(out.read_text())
@@ -32,6 +33,14 @@ def test_quality_smoke_runs_the_three_classifiers_per_cell(tmp_path):
     test_rows = data["cells"][0]["test_rows"]  # the hash split's share is near, not exactly, 20 %
     assert 60 <= test_rows <= 100 and all(c["test_rows"] == test_rows for c in data["cells"])
     assert table.count(f"\n| rotten_tomatoes ({test_rows}, movie-disjoint) |") == 2
+    # the LoRA row: adapters + head on 120 of the training rows vs the frozen head on the same rows and test rows
+    lora = data["lora"]
+    assert lora["train_rows"] == 120 and lora["test_rows"] == test_rows and lora["epochs"] == 1
+    assert [h["epoch"] for h in lora["lora"]["history"]] == [1] and 0 < lora["lora"]["adapter_mb"] < 1
+    for side in ("frozen", "lora"):
+        assert 0.3 < lora[side]["accuracy"] <= 1 and lora[side]["seconds"] >= 0
+    assert lora["gain_points"] == round(100 * (lora["lora"]["accuracy"] - lora["frozen"]["accuracy"]), 2)
+    assert "\n| rotten_tomatoes | 120 | 1 | " in table
 
 
 def test_verdict_bars():
