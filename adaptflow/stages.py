@@ -441,7 +441,7 @@ def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, enco
             ids = TokenIds.from_arrow(table.column("ids")).take([position[text_sha256(t)] for t in frame["text"]])
             del table, position, frame
             tokenizer, model = load_stage_encoder(ctx, encoder, device=device)
-            checkpoints = StoreCheckpoints(ctx.store, f"checkpoints/{key}")
+            checkpoints = StoreCheckpoints(ctx.store, prefix=f"checkpoints/{key}")
             fit = train_lora(model, ids, y, len(labels), head_config, pooling=config.encoder.pooling, device=device,
                              bf16=resolve_dtype(config.encoder.dtype, device) == "bf16",
                              pad_id=int(tokenizer.pad_token_id or 0), init_head=probe.head, checkpoints=checkpoints,
