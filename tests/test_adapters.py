@@ -176,3 +176,17 @@ def test_lora_trains_registers_serves_and_is_gated_against_a_linear_champion(flo
     score_location(ctx, ScoreRequest(model_uri=lora["model_uri"], input=str(lake), output=str(tmp_path / "scored")))
     scored = read_scored(str(tmp_path / "scored"), store=ctx.store).to_pandas()
     assert list(scored.sort_values("row")["label"]) == [p["label"] for p in served]
+
+
+def test_lora_settings_are_checked_at_load():
+    from adaptflow.config import ConfigError
+
+    base = {"name": "m", "data": {"train": "x.csv"}}
+    config = build_config({**base, "head": {"kind": "lora", "lora_rank": 4, "lora_targets": ["query", "value"]}})
+    assert config.head.lora_rank == 4 and config.head.lora_targets == ["query", "value"]
+    with pytest.raises(ConfigError, match="lora trains adapters and head with 'adamw'"):
+        build_config({**base, "head": {"kind": "lora", "solver": "lbfgs"}})
+    with pytest.raises(ConfigError, match="did you mean 'head.lora_rank'"):
+        build_config({**base, "head": {"kind": "lora", "lora_rnak": 4}})
+    with pytest.raises(ConfigError, match="head.lora_targets"):
+        build_config({**base, "head": {"kind": "lora", "lora_targets": []}})
