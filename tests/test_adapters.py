@@ -1,7 +1,6 @@
 """head.kind lora: adapters trained with the head, checkpointed per epoch, resumed after a kill; end to end on the
 tiny encoder (train → register → predict in a fresh process → gate against a linear champion, batch scoring)."""
 
-import json
 import os
 import subprocess
 import sys
