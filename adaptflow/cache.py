@@ -71,8 +71,10 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_key(*, encoder_digest: str, max_length: int, pooling: str, dtype: str) -> str:
-    """sha256 hex of the canonical JSON of everything that changes a vector."""
+def cache_key(*, encoder_digest: str, max_length: int, pooling: str, dtype: str,
+              adapter_digest: str | None = None) -> str:
+    """sha256 hex of the canonical JSON of everything that changes a vector (an adapter merged into the encoder
+    adds its digest: an adapted encoder's vectors never share a key with the frozen one's)."""
     spec = {
         "encoder_digest": encoder_digest,
         "max_length": int(max_length),
@@ -80,6 +82,8 @@ def cache_key(*, encoder_digest: str, max_length: int, pooling: str, dtype: str)
         "dtype": dtype,
         "format": FORMAT_VERSION,
     }
+    if adapter_digest:
+        spec["adapter_digest"] = adapter_digest
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -210,9 +214,11 @@ class EmbeddingCache:
         max_length: truncation length used when tokenizing.
         pooling: ``"mean"`` or ``"cls"``.
         dtype: the resolved compute dtype, ``"fp32"`` or ``"bf16"`` (vectors are stored float32 either way).
+        adapter_digest: ``adaptflow.adapters.adapter_digest`` of a LoRA adapter merged into the encoder, or None.
     """
 
-    def __init__(self, store: ArtifactStore, *, encoder_digest: str, max_length: int, pooling: str, dtype: str):
+    def __init__(self, store: ArtifactStore, *, encoder_digest: str, max_length: int, pooling: str, dtype: str,
+                 adapter_digest: str | None = None):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls'; got {pooling!r}")
         if dtype not in ("fp32", "bf16"):
@@ -221,8 +227,9 @@ class EmbeddingCache:
             raise ValueError("encoder_digest is empty: pass ResolvedEncoder.digest")
         self.store = store
         self.spec = {"encoder_digest": encoder_digest, "max_length": int(max_length), "pooling": pooling,
-                     "dtype": dtype, "format": FORMAT_VERSION}
-        self.key = cache_key(encoder_digest=encoder_digest, max_length=max_length, pooling=pooling, dtype=dtype)
+                     "dtype": dtype, "format": FORMAT_VERSION, **({"adapter_digest": adapter_digest} if adapter_digest else {})}
+        self.key = cache_key(encoder_digest=encoder_digest, max_length=max_length, pooling=pooling, dtype=dtype,
+                             adapter_digest=adapter_digest)
         self.prefix = f"embeddings/{self.key[:24]}"
         # In-memory index, loaded on first use: shard list + row digests sorted -> (shard number, row).
         self._shards: list[_Shard] | None = None

@@ -83,9 +83,15 @@ class HeadSection(_Section):
     ``auto_max_gap`` (it underfits) the MLP is tried; if the MLP gains less than ``auto_min_gain`` and time is
     left of ``budget_s``, LoRA; the best on validation is then trained on every row as that kind would be.
     The other settings apply to each candidate as they would to that kind (``solver: lbfgs`` to the linear one).
+
+    ``kind: lora`` trains low-rank adapters (Hugging Face peft) on the encoder's ``lora_targets`` projections
+    together with a linear head on the pooled output (the encoder's pooling), on the tokenized rows, by AdamW
+    (``lr``, ``weight_decay``; ``epochs`` unset: 3, ``batch_size`` unset: 16), bf16 autocast where ``encoder.dtype``
+    resolves to bf16; the head starts as the L-BFGS linear head on the frozen vectors (``C``), and
+    ``val_fraction`` of the rows are held out to report validation accuracy each epoch (see adaptflow.adapters).
     """
 
-    kind: Literal["linear", "mlp", "auto"] = "linear"  # mlp: Linear-GELU-Dropout-Linear; auto: see above
+    kind: Literal["linear", "mlp", "auto", "lora"] = "linear"  # mlp: Linear-GELU-Dropout-Linear; auto, lora: above
     solver: Literal["lbfgs", "adamw"] | None = Field(None, description="unset: lbfgs for linear, adamw for mlp")
     C: float = Field(1.0, gt=0, allow_inf_nan=False, description="lbfgs: inverse L2 strength, as sklearn's C")
     calibrate: StrictBool = Field(True, description="lbfgs: divide the logits by a cross-validated temperature")
@@ -94,7 +100,7 @@ class HeadSection(_Section):
     epochs: int = Field(100, ge=1, description="adamw: upper bound, and the cosine schedule's length")
     lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
                              description="adamw; unset: 1e-2 linear, 1e-3 mlp")
-    batch_size: int = Field(64, ge=1, description="adamw")
+    batch_size: int = Field(64, ge=1, description="adamw (lora: unset means 16)")
     weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="adamw: decoupled, weights only")
     hidden_dim: int = Field(256, ge=1, description="mlp")
     dropout: float = Field(0.1, ge=0, lt=1, description="mlp")
@@ -112,11 +118,19 @@ class HeadSection(_Section):
     auto_min_gain: float = Field(0.01, ge=0, le=1, allow_inf_nan=False,
                                  description="auto: validation accuracy the MLP must gain over the linear head "
                                  "for LoRA not to be tried")
+    lora_rank: int = Field(8, ge=1, le=256, description="lora: rank r of each adapter")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="lora: scale alpha (updates scaled by alpha/r)")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="lora: dropout on the adapters' input")
+    lora_targets: list[str] = Field(["query", "key", "value", "dense"], min_length=1,
+                                    description="lora: names of the encoder's linear layers that get adapters "
+                                    "(BERT: attention query/key/value and the dense projections)")
 
     @model_validator(mode="after")
     def _solver_fits_kind(self):
         if self.kind == "mlp" and self.solver == "lbfgs":
             raise ValueError("solver 'lbfgs' is for kind 'linear'; an mlp trains with 'adamw'")
+        if self.kind == "lora" and self.solver == "lbfgs":
+            raise ValueError("solver 'lbfgs' is for kind 'linear'; lora trains adapters and head with 'adamw'")
         return self
 
     def head_kwargs(self) -> dict[str, Any]:

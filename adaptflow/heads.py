@@ -30,7 +30,7 @@ from adaptflow.devices import resolve_device
 from adaptflow.rowfile import RowFile
 
 HEAD_FORMAT = "adaptflow-head/1"
-DEFAULT_LR = {"linear": 1e-2, "mlp": 1e-3}
+DEFAULT_LR = {"linear": 1e-2, "mlp": 1e-3, "lora": 1e-3}
 STREAM_BLOCK_ROWS = 32768  # rows per block when training from a RowFile (48 MB of 384-d vectors)
 CV_MAX_ROWS = 20000  # the temperature is cross-validated on at most this many rows (a stratified sample)
 

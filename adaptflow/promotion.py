@@ -18,7 +18,7 @@ import numpy as np
 
 from adaptflow.config import RunConfig
 from adaptflow.gate import GateDecision, decide
-from adaptflow.stages import StageContext, encode_into_cache, load_stage_encoder, read_frame
+from adaptflow.stages import StageContext, encode_missing, read_frame
 
 log = logging.getLogger("adaptflow")
 
@@ -53,26 +53,23 @@ def version_outputs(ctx: StageContext, version, texts: list[str]) -> tuple[np.nd
     """``(probabilities [n, k], labels, thresholds)`` of a registered version on ``texts`` (thresholds: a
     multi-label version's, else None), via the embedding cache (encoding what is missing)."""
     from adaptflow.cache import EmbeddingCache, text_sha256
-    from adaptflow.embed import tokenize_texts
     from adaptflow.heads import load_head, predict_proba
     from adaptflow.multilabel import load_thresholds, predict_sigmoid
     from adaptflow.store import parse_s3_uri
 
     tags = version.tags
+    # a LoRA version's vectors are its adapted encoder's, cached under a key with the adapter's digest
+    adapter = ({"uri": tags["adaptflow.adapter_uri"], "digest": tags["adaptflow.adapter_digest"]}
+               if "adaptflow.adapter_uri" in tags else None)
     cache = EmbeddingCache(ctx.store, encoder_digest=tags["adaptflow.encoder_digest"],
                            max_length=int(tags["adaptflow.max_length"]), pooling=tags["adaptflow.pooling"],
-                           dtype=tags["adaptflow.dtype"])
+                           dtype=tags["adaptflow.dtype"], adapter_digest=adapter["digest"] if adapter else None)
     hashes = [text_sha256(t) for t in texts]
-    missing = set(cache.missing(hashes))
-    if missing:
-        todo = list(dict.fromkeys(t for t, h in zip(texts, hashes) if h in missing))
-        # the version's own snapshot, verified against the digest it was trained (and its cache keyed) on
-        tokenizer, _ = load_stage_encoder(ctx, {"ref": tags["adaptflow.encoder_ref"],
-                                                "digest": tags["adaptflow.encoder_digest"]})
-        ids = tokenize_texts(tokenizer, todo, int(tags["adaptflow.max_length"]))
-        log.info("gate: encoding %d test rows with version %s's encoder", len(todo), version.version)
-        encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=tags["adaptflow.encoder_ref"],
-                          device="cpu")
+    # the version's own snapshot, verified against the digest it was trained (and its cache keyed) on
+    encoded = encode_missing(ctx, cache, texts, encoder_ref=tags["adaptflow.encoder_ref"], adapter=adapter)
+    if encoded:
+        log.info("gate: encoded %d test rows with version %s's encoder%s", encoded, version.version,
+                 " (adapter merged)" if adapter else "")
     with tempfile.TemporaryDirectory() as tmp:
         bucket, key = parse_s3_uri(tags["adaptflow.head_uri"])  # the version may come from another bucket
         head_path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "head.safetensors")

@@ -109,12 +109,14 @@ def log_and_register(
     spec: ModelSpec,
     input_texts: list[str],
     version_tags: dict[str, str],
+    adapter_path: Path | None = None,
 ) -> RegisteredVersion:
     """Log a run with its pyfunc model, register a version, set ``challenger`` (and ``champion`` if none).
 
     Args:
         flow_run_id: idempotency key; a second call for the same flow run returns the first version.
         input_texts: a few texts for the model's input example and signature.
+        adapter_path: a LoRA adapter (adaptflow.adapters) shipped beside the head; the pyfunc merges it.
     """
     client = client_for(tracking_uri)
     mlflow.set_experiment(experiment)
@@ -137,12 +139,12 @@ def log_and_register(
             mlflow.log_input(dataset, context=ds.context)
         if record.artifacts_dir is not None:
             mlflow.log_artifacts(str(record.artifacts_dir))
-        model_info = _log_model(head_path, spec, input_texts)
+        model_info = _log_model(head_path, spec, input_texts, adapter_path)
         version = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
         return _finish(client, model_name, run.info.run_id, version.version, model_info.model_uri)
 
 
-def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
+def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str], adapter_path: Path | None = None):
     """Log the pyfunc as code (``MODEL_CODE``; head + spec as artifacts, the library as ``code_paths``) with an
     explicit signature: MLflow stores files, not a cloudpickled object."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +160,8 @@ def _log_model(head_path: Path, spec: ModelSpec, input_texts: list[str]):
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
-            artifacts={"head": str(head_path), "model_spec": str(spec_path)},
+            artifacts={"head": str(head_path), "model_spec": str(spec_path),
+                       **({"adapter": str(adapter_path)} if adapter_path else {})},
             code_paths=[str(LIBRARY_DIR)],
             pip_requirements=pip_requirements(),
             signature=infer_signature(example, output),

@@ -106,10 +106,15 @@ class ScoringModel:
     pooling: str
     dtype: str
     labels: list[str] = field(default_factory=list)
+    adapter_uri: str | None = None  # head.kind lora: the adapter merged into the encoder
+    adapter_digest: str | None = None
 
     def cache_spec(self) -> dict:
         return dict(encoder_digest=self.encoder_digest, max_length=self.max_length, pooling=self.pooling,
-                    dtype=self.dtype)
+                    dtype=self.dtype, adapter_digest=self.adapter_digest)
+
+    def adapter(self) -> dict | None:
+        return {"uri": self.adapter_uri, "digest": self.adapter_digest} if self.adapter_uri else None
 
 
 def resolve_model(tracking_uri: str | None, model_uri: str) -> ScoringModel:
@@ -142,7 +147,8 @@ def resolve_model(tracking_uri: str | None, model_uri: str) -> ScoringModel:
     return ScoringModel(name=name, version=str(version.version), head_uri=tags["adaptflow.head_uri"],
                         encoder_ref=tags["adaptflow.encoder_ref"], encoder_digest=tags["adaptflow.encoder_digest"],
                         max_length=int(tags["adaptflow.max_length"]), pooling=tags["adaptflow.pooling"],
-                        dtype=tags["adaptflow.dtype"], labels=list(json.loads(tags["adaptflow.labels"])))
+                        dtype=tags["adaptflow.dtype"], labels=list(json.loads(tags["adaptflow.labels"])),
+                        adapter_uri=tags.get("adaptflow.adapter_uri"), adapter_digest=tags.get("adaptflow.adapter_digest"))
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -349,7 +355,8 @@ class _Scorer:
 
             # the version's own snapshot, verified against the digest its cache is keyed on
             self._encoder = load_stage_encoder(self.ctx, {"ref": self.model.encoder_ref,
-                                                          "digest": self.model.encoder_digest}, device=self.device)
+                                                          "digest": self.model.encoder_digest}, device=self.device,
+                                               adapter=self.model.adapter())
         return self._encoder
 
     def vectors(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

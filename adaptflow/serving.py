@@ -3,6 +3,7 @@
 The model's artifacts hold the head (safetensors) and a small JSON spec naming the encoder reference and
 its digest; ``load_context`` resolves the encoder through adaptflow.encoders and refuses a snapshot whose
 digest differs from the one the head was trained on (a silently different encoder would give garbage).
+A ``head.kind: lora`` model also ships its adapter (safetensors, MBs), merged into the encoder at load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd
 
 # Packages the model needs at inference; pinned to what trained it. Passing them explicitly spares MLflow's
 # requirement inference (5-7 s per log_model).
-SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "mlflow", "boto3")
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "mlflow", "boto3", "peft")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelSpec:
     labels: list[str]
     head_sha256: str | None = None  # recorded at registration; a head file changed afterwards is refused
     task: str = "multiclass"  # multilabel: sigmoid head with per-label thresholds (adaptflow.multilabel)
+    adapter_sha256: str | None = None  # a LoRA adapter shipped as the artifact ``adapter``, checked alike
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -88,6 +90,14 @@ class HeadClassifier(mlflow.pyfunc.PythonModel):
         # the snapshot the head was trained on, or a clear error naming both digests
         resolved = resolve_expected(self.spec.encoder_ref, self.spec.encoder_digest, store=store)
         self.tokenizer, self.encoder = load_encoder(resolved)
+        if self.spec.adapter_sha256:  # head.kind lora: merge the adapter into (a copy of) the shared snapshot
+            from adaptflow.adapters import merge_adapter
+
+            adapter = Path(context.artifacts["adapter"])
+            if sha256_file(adapter)[0] != self.spec.adapter_sha256:
+                raise ValueError(f"adapter {adapter} changed after registration (sha256 differs from the recorded "
+                                 f"{self.spec.adapter_sha256[:16]}…); re-register the model")
+            self.encoder = merge_adapter(self.encoder, adapter)
         # bf16 only where the hardware has it natively; fp32 otherwise (same predictions to ~1e-4).
         self.dtype = resolve_dtype("auto", "cpu") if self.spec.dtype == "bf16" else self.spec.dtype
 

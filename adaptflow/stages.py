@@ -95,12 +95,28 @@ def resolve_encoder_stage(ctx: StageContext, config: RunConfig) -> dict:
             "hidden_size": int(model.config.hidden_size), "max_positions": limit}
 
 
-def load_stage_encoder(ctx: StageContext, encoder: dict, *, device: str = "cpu"):
-    """(tokenizer, model) of the resolve stage's snapshot, verified against its digest before anything is written."""
+def load_stage_encoder(ctx: StageContext, encoder: dict, *, device: str = "cpu", adapter: dict | None = None):
+    """(tokenizer, model) of the resolve stage's snapshot, verified against its digest before anything is written.
+
+    ``adapter`` (``{"uri", "digest"}`` of a LoRA adapter file, adaptflow.adapters) is checked against its digest
+    and merged into a copy of the model (the shared snapshot stays frozen).
+    """
     from adaptflow.encoders import load_encoder, resolve_expected
 
     resolved = resolve_expected(encoder["ref"], encoder["digest"], store=ctx.store, cache_dir=ctx.settings.cache_dir)
-    return load_encoder(resolved, device=device)
+    tokenizer, model = load_encoder(resolved, device=device)
+    if adapter is None:
+        return tokenizer, model
+    from adaptflow.adapters import adapter_digest, merge_adapter
+    from adaptflow.store import parse_s3_uri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bucket, key = parse_s3_uri(adapter["uri"])  # a registered version may come from another bucket
+        path = ctx.store.with_bucket(bucket).get_verified_file(key, Path(tmp) / "adapter.safetensors")
+        if adapter_digest(path) != adapter["digest"]:
+            raise ValueError(f"adapter {adapter['uri']} has digest {adapter_digest(path)}, not the recorded "
+                             f"{adapter['digest']}: refusing to encode with it")
+        return tokenizer, merge_adapter(model, path).to(device)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -253,11 +269,36 @@ def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
     return {"tokens": ctx.store.uri(f"{prefix}/tokens.parquet"), **meta}
 
 
-def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str):
+def _cache_for(ctx: StageContext, config: RunConfig, encoder: dict, dtype: str, adapter: dict | None = None):
     from adaptflow.cache import EmbeddingCache
 
     return EmbeddingCache(ctx.store, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
-                          pooling=config.encoder.pooling, dtype=dtype)
+                          pooling=config.encoder.pooling, dtype=dtype,
+                          adapter_digest=adapter["digest"] if adapter else None)
+
+
+def head_adapter(head: dict | None) -> dict | None:
+    """The ``{"uri", "digest"}`` of a train stage output's LoRA adapter (None: a head on the frozen encoder)."""
+    return {"uri": head["adapter"], "digest": head["adapter_digest"]} if head and head.get("adapter") else None
+
+
+def encode_missing(ctx: StageContext, cache, texts: list[str], *, encoder_ref: str, adapter: dict | None = None,
+                   device: str = "cpu") -> int:
+    """Encode the ``texts`` ``cache`` lacks (with its encoder, and ``adapter`` merged when the cache is an
+    adapted encoder's); returns how many distinct texts were encoded."""
+    from adaptflow.cache import text_sha256
+    from adaptflow.embed import tokenize_ragged
+
+    hashes = [text_sha256(t) for t in texts]
+    missing = set(cache.missing(hashes))
+    if not missing:
+        return 0
+    todo = list(dict.fromkeys(t for t, h in zip(texts, hashes) if h in missing))
+    tokenizer, _ = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]})
+    ids = tokenize_ragged(tokenizer, todo, cache.spec["max_length"])
+    encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=encoder_ref, device=device,
+                      adapter=adapter)
+    return len(todo)
 
 
 def embed_device(config: RunConfig) -> str:
@@ -273,12 +314,13 @@ def embed_cache(ctx: StageContext, config: RunConfig, encoder: dict):
 
 
 def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
-                      tokens_per_batch: int | None = None) -> float | None:
+                      tokens_per_batch: int | None = None, adapter: dict | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
 
     ``token_ids`` is a :class:`~adaptflow.embed.TokenIds` or a list of id lists, one per hash. The encoder at
     ``encoder_ref`` must be the snapshot the cache is keyed on (its digest is checked before anything is
     encoded), and pooling and dtype are the cache's own: vectors can only land under the key that describes them.
+    ``adapter`` must be the one the cache is keyed on (or None for a frozen encoder's cache).
 
     Returns:
         tokens/s of the forward passes, or None when there was nothing to encode.
@@ -287,7 +329,11 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *,
 
     if not hashes:
         return None
-    _, model = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]}, device=device)
+    if (adapter or {}).get("digest") != cache.spec.get("adapter_digest"):
+        raise ValueError(f"adapter {(adapter or {}).get('digest')} is not the one cache {cache.uri} is keyed on "
+                         f"({cache.spec.get('adapter_digest')})")
+    _, model = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]}, device=device,
+                                  adapter=adapter)
     pooling, dtype = cache.spec["pooling"], cache.spec["dtype"]
     hashes_array = np.asarray(hashes, dtype=object)  # pointers to the str objects, not 256 bytes a hash (<U64)
     started = time.perf_counter()
@@ -340,9 +386,11 @@ def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dic
 
 
 def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict, frame_uri: str, labels: list[str],
-            *, spill_dir: Path, seed: int = 0, multilabel: bool = False):
+            *, spill_dir: Path, seed: int = 0, multilabel: bool = False, adapter: dict | None = None):
     """(X, y) for one split: vectors from the embedding cache, labels as indices into ``labels`` (multilabel:
     a 0/1 matrix [n, len(labels)]).
+
+    With ``adapter`` the vectors are the adapted encoder's, from its own cache (rows it lacks are encoded first).
 
     X is an array when it fits the in-memory budget (``rowfile.in_memory_budget``), else a
     :class:`~adaptflow.rowfile.RowFile` under ``spill_dir`` with the rows in a seeded random order (``y``
@@ -359,8 +407,13 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
         y = indicator(frame["label"].tolist(), labels)
     else:
         y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+    cache = _cache_for(ctx, config, encoder, embedded["dtype"], adapter)
+    if adapter is not None:
+        started, n = time.perf_counter(), encode_missing(ctx, cache, list(frame["text"]), encoder_ref=encoder["ref"],
+                                                         adapter=adapter, device=embed_device(config))
+        if n:
+            log.info("adapted encoder: %d rows encoded in %.1fs into %s", n, time.perf_counter() - started, cache.uri)
     del frame
-    cache = _cache_for(ctx, config, encoder, embedded["dtype"])
     dim = int(encoder["hidden_size"])
     if len(hashes) * dim * 4 <= in_memory_budget():
         return cache.read(hashes), y
@@ -384,6 +437,11 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
     from adaptflow.heads import HeadConfig, fit_head, save_head
 
     head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
+    if head_config.kind == "lora":
+        if task_of(validated) == "multilabel":
+            raise ValueError("head.kind 'lora' has no multi-label training; use kind linear or mlp with "
+                             "task: multilabel")
+        return train_lora_stage(ctx, config, validated, encoder, embedded)
     task = {"task": "multilabel"} if task_of(validated) == "multilabel" else {}  # multiclass keys stay as they were
     key = stage_key('train', data=validated['digest'], cache=embedded['cache'], head=vars(head_config), **task)
     prefix = f"heads/{key}"
@@ -422,6 +480,66 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
     return {"head": ctx.store.uri(f"{prefix}/head.safetensors"), **meta}
 
 
+def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict) -> dict:
+    """``head.kind: lora``: a LoRA adapter and a linear head trained together on the tokenized training rows.
+
+    The head starts as the L-BFGS linear head on the frozen vectors (from the embed stage's cache); every epoch
+    is checkpointed under ``checkpoints/<key>/``, so a killed run resumes. The output holds ``head`` (the head,
+    as every kind's) plus ``adapter`` and ``adapter_digest``, the safetensors file later stages merge.
+    """
+    import pyarrow.parquet as pq
+
+    from adaptflow.adapters import StoreCheckpoints, adapter_digest, resolved_epochs, save_adapter, train_lora
+    from adaptflow.cache import text_sha256
+    from adaptflow.embed import TokenIds, resolve_dtype
+    from adaptflow.heads import HeadConfig, fit_head, save_head
+    from adaptflow.store import parse_s3_uri
+
+    head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
+    key = stage_key("train", data=validated["digest"], cache=embedded["cache"], head=vars(head_config),
+                    encoder=encoder["digest"], max_length=config.encoder.max_length, pooling=config.encoder.pooling)
+    prefix = f"heads/{key}"
+    meta = _cached(ctx, prefix)
+    if meta is None:
+        labels = validated["labels"]
+        device = resolve_device(config.encoder.device)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            X, y_probe = _arrays(ctx, config, encoder, embedded, validated["train"], labels, spill_dir=Path(tmp),
+                                 seed=config.seed)
+            probe = fit_head(X, y_probe, len(labels), HeadConfig(
+                kind="linear", C=head_config.C, calibrate=False, normalize=head_config.normalize,
+                class_weights=head_config.class_weights, seed=config.seed), device=device, log=log.info)
+            del X, y_probe
+            frame = read_frame(ctx, validated["train"])
+            y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+            table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(
+                parse_s3_uri(tokenize_stage(ctx, config, validated, encoder)["tokens"])[1])))
+            position = {h: i for i, h in enumerate(table.column("text_sha256").to_pylist())}
+            ids = TokenIds.from_arrow(table.column("ids")).take([position[text_sha256(t)] for t in frame["text"]])
+            del table, position, frame
+            tokenizer, model = load_stage_encoder(ctx, encoder, device=device)
+            checkpoints = StoreCheckpoints(ctx.store, prefix=f"checkpoints/{key}")
+            fit = train_lora(model, ids, y, len(labels), head_config, pooling=config.encoder.pooling, device=device,
+                             bf16=resolve_dtype(config.encoder.dtype, device) == "bf16",
+                             pad_id=int(tokenizer.pad_token_id or 0), init_head=probe.head, checkpoints=checkpoints,
+                             log=log.info)
+            adapter_path = save_adapter(fit.adapter, fit.config, Path(tmp) / "adapter.safetensors")
+            head_path = save_head(fit.head, Path(tmp) / "head.safetensors", labels)
+            digest = adapter_digest(adapter_path)
+            log.info("lora: adapter %.1f MB (%s), validation accuracy %s, %.1fs", adapter_path.stat().st_size / 2**20,
+                     digest[:19], fit.val_accuracy, time.perf_counter() - started)
+            meta = _publish_once(ctx, prefix, {
+                "head.safetensors": head_path.read_bytes(),
+                "adapter.safetensors": adapter_path.read_bytes(),
+                "history.json": json.dumps(fit.history).encode(),
+            }, {"best_epoch": resolved_epochs(head_config), "seconds": round(time.perf_counter() - started, 3),
+                "labels": labels, "config": vars(head_config), "adapter_digest": digest,
+                "val_accuracy": fit.val_accuracy, "resumed_from": fit.resumed_from, "checkpoints": checkpoints.uri()})
+    return {"head": ctx.store.uri(f"{prefix}/head.safetensors"), "adapter": ctx.store.uri(f"{prefix}/adapter.safetensors"),
+            **meta}
+
+
 def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict,
                    head: dict) -> dict:
     """Score the head on the test rows: metrics, a confusion-matrix PNG and a markdown report."""
@@ -437,7 +555,7 @@ def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
         labels, multilabel = validated["labels"], task_of(validated) == "multilabel"
         with tempfile.TemporaryDirectory() as tmp:
             X, y = _arrays(ctx, config, encoder, embedded, validated["test"], labels, spill_dir=Path(tmp),
-                           multilabel=multilabel)
+                           multilabel=multilabel, adapter=head_adapter(head))
             path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head.safetensors")
             model, _ = load_head(path)
             if multilabel:
@@ -503,6 +621,9 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             "adaptflow.head_uri": head["head"], "adaptflow.max_length": str(config.encoder.max_length),
             "adaptflow.pooling": config.encoder.pooling, "adaptflow.dtype": embedded["dtype"],
             "adaptflow.head_kind": head.get("kind", config.head.kind), "adaptflow.task": task_of(validated)}
+    adapter = head_adapter(head)
+    if adapter:  # a LoRA head: re-scoring merges this adapter and reads the cache keyed on its digest
+        tags.update({"adaptflow.adapter_uri": adapter["uri"], "adaptflow.adapter_digest": adapter["digest"]})
     tags[ROWS_TAG] = publish_rows(  # which rows trained and tested this version: content-keyed, shared by equals
         ctx.store, f"lineage/{stage_key('lineage', validated=validated['validated'], snapshot=snapshot['snapshot'])}",
         row_manifest(train, test, snapshot.get("partitions") or {}), {"snapshot": snapshot["snapshot"]})
@@ -519,6 +640,11 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
             (artifacts / "head_selection").mkdir()
             (artifacts / "head_selection" / "selection.json").write_text(json.dumps(auto, indent=2))
         head_path = ctx.store.get_verified_file(parse_s3_uri(head["head"])[1], Path(tmp) / "head" / "head.safetensors")
+        adapter_path = None
+        if adapter:
+            adapter_path = ctx.store.get_verified_file(parse_s3_uri(adapter["uri"])[1],
+                                                       Path(tmp) / "adapter" / "adapter.safetensors")
+            spec_fields["adapter_sha256"] = sha256_file(adapter_path)[0]
         spec = ModelSpec(**spec_fields, head_sha256=sha256_file(head_path)[0])  # the pyfunc re-checks it at load
         record = RunRecord(
             params=params,
@@ -534,6 +660,7 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
         version = log_and_register(
             tracking_uri=ctx.settings.mlflow_tracking_uri, experiment=config.mlflow.experiment,
             model_name=config.name, flow_run_id=flow_run_id, record=record, head_path=head_path, spec=spec,
+            adapter_path=adapter_path,
             input_texts=list(test["text"].head(3)), version_tags={**tags, "adaptflow.flow_run_id": flow_run_id},
         )
     return {"run_id": version.run_id, "model_name": version.model_name, "version": version.version,

@@ -25,7 +25,12 @@ C=1, per-label thresholds tuned by 5-fold cross-validation) against scikit-learn
 macro-F1 on the test rows; the head's own probabilities at 0.5 are reported too (what tuning the thresholds
 adds). Bar (full runs only): the head's macro-F1 at most 0.3 point below OvR's.
 
-    python -m benchmarks.quality [--datasets rotten_tomatoes,bbc_news] [--seeds 5] [--json PATH]
+With ``--lora`` each data set also gets a LoRA row (``head.kind: lora``, :func:`lora_vs_frozen`): adapters +
+head trained on the text of ``--lora-rows`` training rows (all: 0) for ``--lora-epochs``, against the default
+frozen head on the same rows, both scored on the same test rows, with the wall time of each. It is reported
+beside the table (one seed: it costs minutes on a CPU), not judged by the exit code.
+
+    python -m benchmarks.quality [--datasets rotten_tomatoes,bbc_news] [--seeds 5] [--json PATH] [--lora] [--no-multilabel]
     python -m benchmarks.quality --smoke   # tiny random encoder, tiny data: what CI runs
 """
 
@@ -181,8 +186,9 @@ def run_cell(X, y, k, pool, test, size, seeds, classifiers=None, log=print) -> d
 
 
 def evaluate_dataset(ds: Dataset, path: Path, encoder_path: Path, encoder_digest: str, *, sizes, seeds,
-                     cache_dir: Path | None, rows: int | None = None, log=print) -> dict:
-    """The learning curve of one data set: a cell per size (sizes at or above the training pool's are skipped)."""
+                     cache_dir: Path | None, rows: int | None = None, lora: dict | None = None, log=print) -> dict:
+    """The learning curve of one data set: a cell per size (sizes at or above the training pool's are skipped);
+    ``lora`` ({"rows", "epochs"}): the LoRA row too."""
     frame = load_frame(path, ds)
     if rows:
         frame = frame.sample(n=min(rows, len(frame)), random_state=0).reset_index(drop=True)
@@ -200,8 +206,51 @@ def evaluate_dataset(ds: Dataset, path: Path, encoder_path: Path, encoder_digest
         cell = run_cell(X, y, len(labels), pool, test, size, seeds, log=log)
         cell["size"] = size or "full"
         cells.append(cell)
-    return {"name": ds.name, "rows": len(frame), "classes": len(labels), "test": split, "dtype": dtype,
-            "encode_s": round(encode_s, 1), "cells": cells}
+    result = {"name": ds.name, "rows": len(frame), "classes": len(labels), "test": split, "dtype": dtype,
+              "encode_s": round(encode_s, 1), "cells": cells}
+    if lora is not None:
+        log(f"{ds.name}, LoRA vs the frozen head on {lora['rows'] or 'all'} training rows:")
+        result["lora"] = lora_vs_frozen(frame, X, y, len(labels), pool, test, encoder_path, train_rows=lora["rows"],
+                                        epochs=lora["epochs"], log=log)
+    return result
+
+
+def lora_vs_frozen(frame, X, y, k, pool, test, encoder_path: Path, *, train_rows: int | None, epochs: int,
+                   seed: int = 13, log=print) -> dict:
+    """``head.kind: lora`` against the frozen default head on the same training and test rows: accuracy and
+    wall time of each (LoRA's: the L-BFGS warm-start head, the adapter training, and encoding the test rows
+    with the merged encoder, as the evaluate stage does)."""
+    from adaptflow.adapters import merge_adapter, save_adapter, train_lora
+    from adaptflow.embed import encode, resolve_dtype, tokenize_ragged
+    from adaptflow.encoders import load_encoder
+    from adaptflow.heads import HeadConfig, fit_head, predict_proba
+
+    rows = pool if not train_rows or train_rows >= len(pool) else np.sort(
+        np.random.default_rng(seed).choice(pool, train_rows, replace=False))
+    started = time.perf_counter()
+    frozen = fit_adaptflow(X[rows], y[rows], k, seed)(X[test])
+    frozen_s = time.perf_counter() - started
+    tokenizer, model = load_encoder(encoder_path)
+    dtype = resolve_dtype("auto", "cpu")
+    started = time.perf_counter()
+    ids = tokenize_ragged(tokenizer, list(frame["text"]), MAX_LENGTH)
+    cfg = HeadConfig(kind="lora", epochs=epochs, seed=seed)
+    probe = fit_head(X[rows], y[rows], k, HeadConfig(kind="linear", calibrate=False, seed=seed), device="cpu", log=None)
+    fit = train_lora(model, ids.take(rows), y[rows], k, cfg, pad_id=int(tokenizer.pad_token_id or 0),
+                     bf16=dtype == "bf16", init_head=probe.head, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_adapter(fit.adapter, fit.config, Path(tmp) / "adapter.safetensors")
+        adapter_mb = path.stat().st_size / 2**20
+        merged = merge_adapter(model, path)
+    adapted = encode(merged, ids.take(test), pooling="mean", dtype=dtype, progress=False).vectors
+    lora = predict_proba(fit.head, adapted)
+    lora_s = time.perf_counter() - started
+    acc = lambda proba: float((proba.argmax(1) == y[test]).mean())  # noqa: E731
+    return {"train_rows": int(len(rows)), "test_rows": int(len(test)), "epochs": epochs, "dtype": dtype,
+            "frozen": {"accuracy": acc(frozen), "seconds": round(frozen_s, 1)},
+            "lora": {"accuracy": acc(lora), "seconds": round(lora_s, 1), "train_seconds": round(fit.seconds, 1),
+                     "val_accuracy": fit.val_accuracy, "adapter_mb": round(adapter_mb, 2), "history": fit.history},
+            "gain_points": round(100 * (acc(lora) - acc(frozen)), 2)}
 
 
 MULTILABEL_FILE = ROOT / "examples" / "data" / "reuters_topics.csv"
@@ -290,6 +339,15 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {d['name']} ({cell['test_rows']:,}, {'movie-disjoint' if 'movie' in d['test'] else 'hash split'})"
                          f" | {size} | {acc('head')} | {acc('LR')} | {acc('seed_loop')} | {diff['mean']:+.2f} / "
                          f"{diff['worst']:+.2f} | {'yes' if verdict(cell) else '**no**'} |")
+    rows = [d for d in doc["datasets"] if "lora" in d]
+    if rows:
+        lines += ["", "| data set | train rows | epochs | frozen head acc (s) | LoRA acc (s) | gain (pt) | adapter MB |",
+                  "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
+        for d in rows:
+            r = d["lora"]
+            lines.append(f"| {d['name']} | {r['train_rows']:,} | {r['epochs']} | {100 * r['frozen']['accuracy']:.2f} "
+                         f"({r['frozen']['seconds']:.0f}) | {100 * r['lora']['accuracy']:.2f} ({r['lora']['seconds']:.0f})"
+                         f" | {r['gain_points']:+.2f} | {r['lora']['adapter_mb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -301,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the bundled data sets")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (default: none)")
     parser.add_argument("--no-multilabel", action="store_true", help="skip the multi-label row")
+    parser.add_argument("--lora", action="store_true", help="add the LoRA-vs-frozen-head row per data set")
+    parser.add_argument("--lora-rows", type=int, default=0, help="LoRA training rows (0: the whole pool)")
+    parser.add_argument("--lora-epochs", type=int, default=3)
+    parser.add_argument("--sizes", default=None, help="comma-separated training sizes (full: all), e.g. 300,full")
     args = parser.parse_args(argv)
 
     from adaptflow.encoders import folder_digest, resolve_encoder
@@ -323,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"data not found: {', '.join(missing)} (pass --data FOLDER)", file=sys.stderr)
             return 2
+        if args.sizes:
+            sizes = tuple(None if s == "full" else int(s) for s in args.sizes.split(","))
+        lora = {"rows": args.lora_rows, "epochs": args.lora_epochs} if args.lora else None
         datasets = [evaluate_dataset(ds, path, encoder_path, encoder_digest, sizes=sizes, seeds=seeds,
-                                     cache_dir=cache_dir, rows=rows, log=lambda m: print(m, file=sys.stderr))
+                                     cache_dir=cache_dir, rows=rows, lora=lora, log=lambda m: print(m, file=sys.stderr))
                     for ds, path, rows in jobs]
         multilabel = None if args.no_multilabel else evaluate_multilabel(
             MULTILABEL_FILE, encoder_path, encoder_digest, seeds=seeds, cache_dir=cache_dir,

@@ -83,7 +83,8 @@ def retrain(config: RunConfig, force: bool = False) -> dict:
                        "dtype": embedded["dtype"], "tokens_per_s": embedded["tokens_per_s"],
                        "corrupt": embedded.get("corrupt", {"shards_ignored": 0, "rows_reencoded": 0})},
         "artifacts": {"snapshot": snapshot["snapshot"], "validated": validated["validated"],
-                      "embeddings": embedded["cache"], "head": head["head"], "evaluation": evaluation["evaluation"]},
+                      "embeddings": embedded["cache"], "head": head["head"], "adapter": head.get("adapter"),
+                      "evaluation": evaluation["evaluation"]},
         "seconds": {name: stage["seconds"] for name, stage in stages.items()},
         "s3": {name: stage.get("s3") for name, stage in stages.items()},  # requests and bytes read per stage
     }

@@ -27,7 +27,7 @@ STAGE_TIMEOUTS: dict[str, float] = {
     "resolve_encoder": 1800,  # may download an encoder snapshot
     "tokenize_texts": 3600,
     "embed_texts": 3 * 3600,  # the GPU step, the longest by far
-    "fit_head": 3600,
+    "fit_head": 3 * 3600,  # head.kind lora trains the encoder's adapters: an embed-sized step
     "hand_over": 600,
     "evaluate_head": 3600,
     "register_model": 1800,

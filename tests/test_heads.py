@@ -156,7 +156,7 @@ def test_stratified_holdout_keeps_class_shares():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"kind": "svm"}, r"kind\n  Input should be 'linear', 'mlp' or 'auto'"),
+    ({"kind": "svm"}, r"kind\n  Input should be 'linear', 'mlp', 'auto' or 'lora'"),
     ({"epochs": 0}, r"epochs\n  Input should be greater than or equal to 1"),
     ({"epochs": 2.5}, "epochs\n  Input should be a valid integer, got a number with a fractional part"),
     ({"lr": 0}, r"lr\n  Input should be greater than 0"),

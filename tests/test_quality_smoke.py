@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quality_smoke_runs_the_three_classifiers_per_cell(tmp_path):
     out = tmp_path / "quality.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--seeds", "2", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--smoke", "--seeds", "2", "--json", str(out),
+                           "--lora", "--lora-rows", "120", "--lora-epochs", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1 = a bar missed, which tiny random vectors may do
     doc = json.loads(out.read_text())
@@ -38,6 +39,14 @@ def test_quality_smoke_runs_the_three_classifiers_per_cell(tmp_path):
         assert 0 <= scores["micro_f1"] <= 1 and 0 <= scores["macro_f1"] <= 1
     assert multi["met"] == quality.multilabel_verdict(multi)  # reported; only full runs' exit code counts it
     assert f"\n| reuters_topics ({multi['test_rows']}, hash split) | {multi['train_rows']} |" in table
+    # the LoRA row: adapters + head on 120 of the training rows vs the frozen head on the same rows and test rows
+    lora = data["lora"]
+    assert lora["train_rows"] == 120 and lora["test_rows"] == test_rows and lora["epochs"] == 1
+    assert [h["epoch"] for h in lora["lora"]["history"]] == [1] and 0 < lora["lora"]["adapter_mb"] < 1
+    for side in ("frozen", "lora"):
+        assert 0.3 < lora[side]["accuracy"] <= 1 and lora[side]["seconds"] >= 0
+    assert lora["gain_points"] == round(100 * (lora["lora"]["accuracy"] - lora["frozen"]["accuracy"]), 2)
+    assert "\n| rotten_tomatoes | 120 | 1 | " in table
 
 
 def test_verdict_bars():
