@@ -139,21 +139,14 @@ def _training_side(ctx, model: ScoringModel, client, cache) -> tuple[list[str], 
 
 
 def _new_vectors(ctx, model: ScoringModel, cache, texts: list[str], device: str) -> tuple[list[str], dict]:
-    """The new texts' hashes, their misses encoded into ``cache`` first; ``{"encoded", "cached"}`` counts."""
+    """The new texts' hashes, their misses encoded into ``cache`` first (with the version's adapter, if it has
+    one); ``{"encoded", "cached"}`` counts distinct texts."""
     from adaptflow.cache import text_sha256
-    from adaptflow.embed import tokenize_texts
-    from adaptflow.stages import encode_into_cache, load_stage_encoder
+    from adaptflow.stages import encode_missing
 
     hashes = [text_sha256(t) for t in texts]
-    unique = list(dict.fromkeys(hashes))
-    missing = set(cache.missing(unique))
-    if missing:
-        first = {h: t for t, h in zip(texts, hashes)}
-        todo = [h for h in unique if h in missing]
-        tokenizer, _ = load_stage_encoder(ctx, {"ref": model.encoder_ref, "digest": model.encoder_digest}, device=device)
-        ids = tokenize_texts(tokenizer, [first[h] for h in todo], model.max_length)
-        encode_into_cache(ctx, cache, todo, ids, encoder_ref=model.encoder_ref, device=device)
-    return hashes, {"encoded": len(missing), "cached": len(unique) - len(missing)}
+    encoded = encode_missing(ctx, cache, texts, encoder_ref=model.encoder_ref, adapter=model.adapter(), device=device)
+    return hashes, {"encoded": encoded, "cached": len(set(hashes)) - encoded}
 
 
 def _health(ctx, model: ScoringModel, texts: list[str]) -> dict:

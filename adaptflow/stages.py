@@ -428,6 +428,54 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
 # ---------------------------------------------------------------------------------------------- head
 
 
+def training_tokens(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict):
+    """(token ids, label indices) of the training rows in the validated frame's order (the tokenize stage's ids)."""
+    import pyarrow.parquet as pq
+
+    from adaptflow.cache import text_sha256
+    from adaptflow.embed import TokenIds
+    from adaptflow.store import parse_s3_uri
+
+    frame = read_frame(ctx, validated["train"])
+    y = frame["label"].map({label: i for i, label in enumerate(validated["labels"])}).to_numpy(dtype=np.int64)
+    table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(
+        parse_s3_uri(tokenize_stage(ctx, config, validated, encoder)["tokens"])[1])))
+    position = {h: i for i, h in enumerate(table.column("text_sha256").to_pylist())}
+    return TokenIds.from_arrow(table.column("ids")).take([position[text_sha256(t)] for t in frame["text"]]), y
+
+
+def lora_trial(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, head_config, order: np.ndarray):
+    """``head.kind: auto``'s LoRA candidate (``head_selection.LoraTrial``): adapters + a linear head trained on the
+    trial's training rows (``head.epochs``, no inner hold-out), then scored on the shared hold-out through the
+    merged encoder. ``order`` maps the selection's row indices to rows of the validated frame (the arrays may be
+    a shuffled spill file). The budget decides whether it starts; one trial runs to its end."""
+    from adaptflow.adapters import merge_adapter, save_adapter, train_lora
+    from adaptflow.embed import encode, resolve_dtype
+    from adaptflow.head_selection import Trial, candidate_config
+    from adaptflow.heads import predict_proba
+
+    def trial(train_rows: np.ndarray, val_rows: np.ndarray, seconds_left: float) -> Trial:
+        ids, y = training_tokens(ctx, config, validated, encoder)
+        device = resolve_device(config.encoder.device)
+        tokenizer, model = load_stage_encoder(ctx, encoder, device=device)
+        cfg = candidate_config(head_config, "lora").model_copy(update={"val_fraction": 0.0})
+        rows, held = order[train_rows], order[val_rows]
+        log.info("auto head: LoRA trial on %d rows (%.0fs of the budget left)", len(rows), seconds_left)
+        fit = train_lora(model, ids.take(rows), y[rows], len(validated["labels"]), cfg,
+                         pooling=config.encoder.pooling, device=device,
+                         bf16=resolve_dtype(config.encoder.dtype, device) == "bf16",
+                         pad_id=int(tokenizer.pad_token_id or 0), log=log.info)
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = merge_adapter(model, save_adapter(fit.adapter, fit.config, Path(tmp) / "adapter.safetensors"))
+        vectors = encode(merged.to(device), ids.take(held), pooling=config.encoder.pooling, device=device,
+                         progress=False).vectors
+        accuracy = float((predict_proba(fit.head, vectors).argmax(1) == y[held]).mean())
+        return Trial(kind="lora", val_accuracy=round(accuracy, 5), train_accuracy=None, seconds=0.0,
+                     train_rows=len(rows))
+
+    return trial
+
+
 def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict) -> dict:
     """Fit the head on cached embeddings; store its weights (safetensors) and training history.
 
@@ -464,9 +512,22 @@ def train_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: 
             else:
                 if head_config.kind == "auto":
                     from adaptflow.head_selection import candidate_config, select_head
+                    from adaptflow.rowfile import RowFile
 
-                    selection = select_head(X, y, len(labels), head_config, device=device, log=log.info, lora=None)
+                    # the row of the frame behind each array row (_arrays spills in a seeded random order)
+                    order = (np.random.default_rng(config.seed).permutation(len(y)) if isinstance(X, RowFile)
+                             else np.arange(len(y)))
+                    selection = select_head(X, y, len(labels), head_config, device=device, log=log.info,
+                                            lora=lora_trial(ctx, config, validated, encoder, head_config, order))
                     fit_config = candidate_config(head_config, selection.choice)
+                if fit_config.kind == "lora":  # trained as `kind: lora` trains, under that kind's own key
+                    del X
+                    lora_config = config.model_copy(update={"head": config.head.model_copy(update={"kind": "lora"})})
+                    chosen = train_lora_stage(ctx, lora_config, validated, encoder, embedded)
+                    auto = {**selection.report(), "final_seconds": chosen["seconds"]}
+                    meta = _publish_once(ctx, prefix, {"selection.json": json.dumps(auto, indent=2).encode()},
+                                         {**chosen, "kind": "lora", "auto": auto})
+                    return meta
                 fit = fit_head(X, y, len(labels), fit_config, device=device, log=log.info)
                 save_head(fit.head, path, labels)
             del X
@@ -487,13 +548,9 @@ def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, enco
     is checkpointed under ``checkpoints/<key>/``, so a killed run resumes. The output holds ``head`` (the head,
     as every kind's) plus ``adapter`` and ``adapter_digest``, the safetensors file later stages merge.
     """
-    import pyarrow.parquet as pq
-
     from adaptflow.adapters import StoreCheckpoints, adapter_digest, resolved_epochs, save_adapter, train_lora
-    from adaptflow.cache import text_sha256
-    from adaptflow.embed import TokenIds, resolve_dtype
+    from adaptflow.embed import resolve_dtype
     from adaptflow.heads import HeadConfig, fit_head, save_head
-    from adaptflow.store import parse_s3_uri
 
     head_config = HeadConfig(**config.head.head_kwargs(), seed=config.seed)
     key = stage_key("train", data=validated["digest"], cache=embedded["cache"], head=vars(head_config),
@@ -511,13 +568,7 @@ def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, enco
                 kind="linear", C=head_config.C, calibrate=False, normalize=head_config.normalize,
                 class_weights=head_config.class_weights, seed=config.seed), device=device, log=log.info)
             del X, y_probe
-            frame = read_frame(ctx, validated["train"])
-            y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
-            table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(
-                parse_s3_uri(tokenize_stage(ctx, config, validated, encoder)["tokens"])[1])))
-            position = {h: i for i, h in enumerate(table.column("text_sha256").to_pylist())}
-            ids = TokenIds.from_arrow(table.column("ids")).take([position[text_sha256(t)] for t in frame["text"]])
-            del table, position, frame
+            ids, y = training_tokens(ctx, config, validated, encoder)
             tokenizer, model = load_stage_encoder(ctx, encoder, device=device)
             checkpoints = StoreCheckpoints(ctx.store, prefix=f"checkpoints/{key}")
             fit = train_lora(model, ids, y, len(labels), head_config, pooling=config.encoder.pooling, device=device,
@@ -536,8 +587,15 @@ def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, enco
             }, {"best_epoch": resolved_epochs(head_config), "seconds": round(time.perf_counter() - started, 3),
                 "labels": labels, "config": vars(head_config), "adapter_digest": digest,
                 "val_accuracy": fit.val_accuracy, "resumed_from": fit.resumed_from, "checkpoints": checkpoints.uri()})
-    return {"head": ctx.store.uri(f"{prefix}/head.safetensors"), "adapter": ctx.store.uri(f"{prefix}/adapter.safetensors"),
-            **meta}
+    result = {"head": ctx.store.uri(f"{prefix}/head.safetensors"),
+              "adapter": ctx.store.uri(f"{prefix}/adapter.safetensors"), **meta}
+    # the training rows' adapted vectors, which drift compares new rows with (a lookup once they are cached)
+    cache = _cache_for(ctx, config, encoder, embedded["dtype"], head_adapter(result))
+    encoded = encode_missing(ctx, cache, list(read_frame(ctx, validated["train"])["text"]), encoder_ref=encoder["ref"],
+                             adapter=head_adapter(result), device=resolve_device(config.encoder.device))
+    if encoded:
+        log.info("lora: %d training rows encoded with the adapter into %s", encoded, cache.uri)
+    return result
 
 
 def evaluate_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, embedded: dict,

@@ -125,15 +125,15 @@ def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews
     out = retrain(config("auto"))
     selection, store = out["head_selection"], ArtifactStore.from_settings(test_settings, bucket=flow_env)
     choice = selection["choice"]
-    assert choice in {"linear", "mlp"} and out["head_kind"] == choice and selection["reasons"][-1].startswith(f"chose {choice}")
+    assert choice in {"linear", "mlp", "lora"} and out["head_kind"] == choice
+    assert selection["reasons"][-1].startswith(f"chose {choice}")
     linear = selection["candidates"]["linear"]
     assert [p["fraction"] for p in linear["curve"]] == list(CURVE_FRACTIONS) and linear["seconds"] > 0
-    assert selection["candidates"]["lora"]["skipped"]  # no LoRA trainer plugged in, or no need for one
     assert selection["train_rows"] + selection["val_rows"] == out["rows"]["train"]
     head_prefix = parse_s3_uri(out["artifacts"]["head"])[1].rsplit("/", 1)[0]
     assert json.loads(store.get_verified_bytes(f"{head_prefix}/selection.json")) == selection
     path = Path(store.get_verified_file(f"{head_prefix}/head.safetensors", tmp_path / "h.safetensors"))
-    assert load_head(path)[0].kind == choice
+    assert load_head(path)[0].kind == ("linear" if choice == "lora" else choice)  # lora: adapters + a linear head
     evaluation = parse_s3_uri(out["artifacts"]["evaluation"])[1]
     assert f"| head (auto) | {choice} (validation accuracy linear {linear['val_accuracy']:.4f}" in \
         store.get_verified_bytes(f"{evaluation}/report.md").decode()
@@ -153,3 +153,24 @@ def test_auto_head_registers_the_chosen_kind_with_its_evidence(flow_env, reviews
     plain_path = store.get_verified_file(f"{plain_prefix}/head.safetensors", tmp_path / "p.safetensors")
     assert read_safetensors(plain_path) == read_safetensors(path)  # (the header's key order varies: not the bytes)
     assert plain["metrics"] == out["metrics"]
+
+
+def test_auto_head_tries_lora_when_the_mlp_gains_too_little(flow_env, reviews, tiny_encoder_path, test_settings):
+    """With the linear head always "underfitting" and the MLP never gaining enough, auto tries LoRA (adapters on
+    the encoder): its trial is scored on the same hold-out, and a LoRA choice registers the adapter."""
+    from adaptflow.registry import client_for
+    from flows.retrain import retrain
+
+    config = make_config(reviews / "base.csv", "flow-auto-lora", ref=str(tiny_encoder_path))
+    config = config.model_copy(update={"head": config.head.model_copy(update={
+        "kind": "auto", "auto_max_gap": 1.0, "auto_min_gain": 1.0, "epochs": 2})})
+    out = retrain(config)
+    selection = out["head_selection"]
+    lora = selection["candidates"]["lora"]
+    assert "skipped" not in lora and 0 <= lora["val_accuracy"] <= 1 and lora["seconds"] > 0
+    assert lora["train_rows"] == selection["train_rows"]
+    best = max(selection["candidates"].values(), key=lambda c: c.get("val_accuracy", -1))["val_accuracy"]
+    assert selection["candidates"][selection["choice"]]["val_accuracy"] == best
+    tags = client_for(test_settings.mlflow_tracking_uri).get_model_version("flow-auto-lora", out["version"]).tags
+    assert tags["adaptflow.head_kind"] == selection["choice"]
+    assert ("adaptflow.adapter_digest" in tags) == (selection["choice"] == "lora")
