@@ -59,10 +59,11 @@ class Trial:
         return out
 
 
-LoraTrial = Callable[[np.ndarray, np.ndarray, float], Trial]
+LoraTrial = Callable[[np.ndarray, np.ndarray, float], "Trial | None"]
 """``lora(train_rows, val_rows, seconds_left) -> Trial``: train on the training rows at ``train_rows`` (indices
 into the rows given to :func:`select_head`, i.e. the order of its ``y``), score on ``val_rows``, within about
-``seconds_left`` seconds; ``Trial(kind="lora", ...)`` with its validation accuracy and seconds."""
+``seconds_left`` seconds; ``Trial(kind="lora", ...)`` with its validation accuracy and seconds, or None when the
+time left affords no useful trial (LoRA is then skipped, and the report says why)."""
 
 
 @dataclass
@@ -228,12 +229,16 @@ def select_head(
             decide(f"mlp gains {gain:+.4f} < {config.auto_min_gain:g}: trying LoRA with {left:.0f}s left")
             started = clock()
             trial = lora(train_rows, val_rows, left)
-            if trial.kind != "lora":
+            if trial is None:  # the time left affords too few rows to learn anything
+                skipped["lora"] = f"the {left:.0f}s left afford too few LoRA training rows"
+                decide(f"LoRA skipped: {skipped['lora']}")
+            elif trial.kind != "lora":
                 raise ValueError(f"the LoRA trial returned a {trial.kind!r} trial")
-            trial.seconds = round(clock() - started, 3)
-            trials["lora"] = trial
-            log(f"auto head: lora: val acc {trial.val_accuracy:.4f} "
-                f"({trial.val_accuracy - full['val_accuracy']:+.4f} over linear), {trial.seconds:.2f}s")
+            else:
+                trial.seconds = round(clock() - started, 3)
+                trials["lora"] = trial
+                log(f"auto head: lora: val acc {trial.val_accuracy:.4f} "
+                    f"({trial.val_accuracy - full['val_accuracy']:+.4f} over linear), {trial.seconds:.2f}s")
 
     choice = max(trials, key=lambda kind: (trials[kind].val_accuracy, -ORDER.index(kind)))
     decide(f"chose {choice}: val acc " + ", ".join(f"{k} {t.val_accuracy:.4f}" for k, t in trials.items())

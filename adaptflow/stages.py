@@ -448,19 +448,37 @@ def lora_trial(ctx: StageContext, config: RunConfig, validated: dict, encoder: d
     """``head.kind: auto``'s LoRA candidate (``head_selection.LoraTrial``): adapters + a linear head trained on the
     trial's training rows (``head.epochs``, no inner hold-out), then scored on the shared hold-out through the
     merged encoder. ``order`` maps the selection's row indices to rows of the validated frame (the arrays may be
-    a shuffled spill file). The budget decides whether it starts; one trial runs to its end."""
+    a shuffled spill file). The trial is sized to the budget left: a forward pass's rate is probed, and the
+    training rows are cut (stratified) to what ``epochs`` of training steps (~3 forward passes each) afford;
+    None when that is under two rows a class."""
     from adaptflow.adapters import merge_adapter, save_adapter, train_lora
     from adaptflow.embed import encode, resolve_dtype
     from adaptflow.head_selection import Trial, candidate_config
     from adaptflow.heads import predict_proba
 
-    def trial(train_rows: np.ndarray, val_rows: np.ndarray, seconds_left: float) -> Trial:
+    def trial(train_rows: np.ndarray, val_rows: np.ndarray, seconds_left: float) -> Trial | None:
         ids, y = training_tokens(ctx, config, validated, encoder)
         device = resolve_device(config.encoder.device)
         tokenizer, model = load_stage_encoder(ctx, encoder, device=device)
+        from adaptflow.adapters import resolved_epochs
+        from adaptflow.heads import stratified_holdout
+
         cfg = candidate_config(head_config, "lora").model_copy(update={"val_fraction": 0.0})
         rows, held = order[train_rows], order[val_rows]
-        log.info("auto head: LoRA trial on %d rows (%.0fs of the budget left)", len(rows), seconds_left)
+        # fit the trial to the budget left: a training step costs ~3 forward passes (forward, backward), and the
+        # hold-out is encoded once more at the end; a forward pass's rate is probed on up to 64 rows first
+        probe = rows[:64]
+        started = time.perf_counter()
+        encode(model, ids.take(probe), pooling=config.encoder.pooling, device=device, progress=False)
+        forward_rows_per_s = len(probe) / max(time.perf_counter() - started, 1e-6)
+        affordable = int((seconds_left * forward_rows_per_s - len(held)) / (3 * resolved_epochs(cfg)))
+        if affordable < len(rows):
+            if affordable < 2 * len(validated["labels"]):
+                return None  # too few rows to learn anything in the time left: select_head says so
+            _, keep = stratified_holdout(y[rows], affordable / len(rows), np.random.default_rng(config.seed))
+            rows = np.sort(rows[keep])
+        log.info("auto head: LoRA trial on %d of %d rows (%.0fs of the budget left, ~%.0f forward rows/s)",
+                 len(rows), len(train_rows), seconds_left, forward_rows_per_s)
         fit = train_lora(model, ids.take(rows), y[rows], len(validated["labels"]), cfg,
                          pooling=config.encoder.pooling, device=device,
                          bf16=resolve_dtype(config.encoder.dtype, device) == "bf16",

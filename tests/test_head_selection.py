@@ -90,6 +90,11 @@ def test_an_mlp_that_gains_too_little_hands_over_to_lora_which_wins_only_by_vali
     assert "lora" not in sel.trials and sel.skipped["lora"] == "no LoRA trainer in this build"
     assert "LoRA is not tried: no LoRA trainer in this build" in sel.reasons[1]
 
+    # a trainer that finds the time left too short for a useful trial: skipped, and said why
+    sel = select_head(X, y, 2, config, log=None, lora=lambda train_rows, val_rows, left: None)
+    assert "lora" not in sel.trials and sel.skipped["lora"].endswith("left afford too few LoRA training rows")
+    assert sel.reasons[2].startswith("LoRA skipped: the ")
+
 
 def test_a_spent_budget_stops_the_step_up(monkeypatch):
     X, y = linear_blobs()
