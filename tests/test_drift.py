@@ -16,7 +16,9 @@ from sklearn.metrics import roc_auc_score
 from adaptflow.drift import DriftRules, delong_interval, embedding_drift, input_health, prediction_drift, psi
 from adaptflow.drift_check import TextSample
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the bundled real sets beside the checkout (../shared/data), or the workplace's copy (a git worktree elsewhere)
+DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
+             if p.is_dir()), Path("../shared/data"))
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -9,6 +9,9 @@ import typer
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# without a server, each command starts Prefect's ephemeral one: 20 s (Prefect's default) was not enough on a
+# loaded 2-core machine ("Timed out while attempting to connect to ephemeral Prefect API server")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from adaptflow.cli.cache import app as cache_app  # noqa: E402
 from adaptflow.cli.deploy import deploy, worker  # noqa: E402
