@@ -48,7 +48,7 @@ REQUIRED_SERVICES = {"postgres", "seaweedfs", "create-bucket", "prefect-server",
 # runs/: a gpu subflow's hand-over to its parent; locks/: the promotion lease (compare-and-swap, never deleted)
 ARTIFACT_PREFIXES = [
     "snapshots", "validated", "tokens", "embeddings", "heads", "evaluations", "encoders", "mlflow", "runs", "locks",
-    "lineage", "parts", "watch", "checkpoints",
+    "lineage", "parts", "watch", "checkpoints", "monitoring",
 ]
 GPU_RESERVATION = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY")
