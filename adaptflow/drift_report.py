@@ -121,8 +121,8 @@ def drift_metrics(report: dict) -> dict[str, float]:
 
 
 def log_monitoring_run(tracking_uri: str | None, report: dict, public: dict) -> str:
-    """An MLflow run in the version's experiment, tagged with (and its metrics linked to) the model version; the
-    version gets ``adaptflow.drift.*`` tags pointing back at it. Returns the run id."""
+    """An MLflow run in the version's experiment, tagged with the model name and version; the version gets
+    ``adaptflow.drift.*`` tags pointing back at it. Returns the run id."""
     from mlflow.entities import Metric, Param, RunTag
 
     from adaptflow.registry import client_for
@@ -137,8 +137,7 @@ def log_monitoring_run(tracking_uri: str | None, report: dict, public: dict) -> 
         "adaptflow.training_run_id": version.run_id or "", "adaptflow.drifted": str(report["drifted"]).lower()})
     run_id = run.info.run_id
     now = int(time.time() * 1000)
-    model_id = getattr(version, "model_id", None)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in drift_metrics(report).items()],
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in drift_metrics(report).items()],
                      params=[Param("input", str(report.get("input") or "scored partitions")[:6000]),
                              Param("threshold", str(report["threshold"]))],
                      tags=[RunTag("mlflow.note.content", drift_markdown(report)[:5000])])

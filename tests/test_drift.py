@@ -205,6 +205,7 @@ def test_scoring_run_checks_its_rows_for_drift(drift_model, drift_env, tmp_path)
     assert run.data.metrics["drift.score"] == drift["score"] and run.data.metrics["drift.drifted"] == 0.0
     version = client.get_model_version("drift-test", "1")
     assert version.tags["adaptflow.drift.last_run_id"] == run.info.run_id
+    assert run.data.tags["adaptflow.training_run_id"] == version.run_id and version.tags["adaptflow.drift.drifted"] == "false"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "drift")} == {"drift/drift.png",
                                                                                 "drift/report.json"}
     with get_client(sync_client=True) as prefect:
