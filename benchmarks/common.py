@@ -186,6 +186,21 @@ class Services:
 
 
 @contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the block (what an in-process run reads its services from), then as before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def services(mode: str, work: Path) -> Iterator[Services]:
     """``mode``: ``stack`` starts a private stack (free ports, temp dir) and stops it at the end; ``env`` uses
     the services the environment names (AWS_*, MLFLOW_TRACKING_URI, PREFECT_API_URL); anything else is the
@@ -306,20 +321,12 @@ class Runner:
     def _here(self, config: Path, sets, env: dict, bucket: str, force: bool = True) -> RunResult:
         from adaptflow.config import load_config
 
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environment(env):
             from flows.retrain import retrain
 
             t = time.perf_counter()
             summary = retrain(load_config(str(config), list(sets)), force=force)
             wall = time.perf_counter() - t
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return RunResult(json.loads(json.dumps(summary, default=str)), wall, None, bucket)
 
 

@@ -6,28 +6,16 @@ domains) and cost (a drift check vs scoring the same new rows), on the rotten_to
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import REPO, RT_CONFIG, RT_CSV, TWEETS, Row, build_tiny_encoder, log, write_config
+from benchmarks.common import (REPO, RT_CONFIG, RT_CSV, TWEETS, Row, build_tiny_encoder, environment, log,
+                               write_config)
 
 BBC = REPO.parent / "shared" / "data" / "bbc_news" / "articles.jsonl"
 HALVES = 20
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]):
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def bench_drift(ctx) -> Row:
@@ -54,7 +42,7 @@ def bench_drift(ctx) -> Row:
     run = ctx.runner.retrain(config, ["name=bench-drift", "mlflow.experiment=adaptflow-bench"])
     version = str(run.summary["version"])
     log(f"drift: model bench-drift v{version} trained cold in {run.wall_s:.0f}s")
-    with _env({**ctx.svc.env, "ADAPTFLOW_BUCKET": run.bucket}):
+    with environment({**ctx.svc.env, "ADAPTFLOW_BUCKET": run.bucket}):
         settings = load_settings()
         sctx = StageContext.from_env(settings)
         model = resolve_model(settings.mlflow_tracking_uri, f"models:/bench-drift/{version}")
