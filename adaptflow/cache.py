@@ -432,6 +432,11 @@ class EmbeddingCache:
         _, found = self._lookup(unique)
         return [h for h, ok in zip(unique, found) if not ok]
 
+    def found(self, digests: np.ndarray) -> np.ndarray:
+        """Per row, whether the cache holds it: ``digests`` an ``S32`` array (``adaptflow.row_keys``), the form
+        that keeps millions of rows at 32 bytes each, with no Python object per row."""
+        return self._lookup(digests)[1]
+
     def write_shard(self, hashes: Sequence[str], vectors: np.ndarray) -> str:
         """Publish one shard (objects first, manifest last) and add it to this instance's index.
 
@@ -440,7 +445,8 @@ class EmbeddingCache:
         Returns:
             The shard id.
         """
-        hashes = list(hashes)
+        digests = hashes if isinstance(hashes, np.ndarray) and hashes.dtype == np.dtype("S32") else None
+        hashes = to_hex(digests) if digests is not None else list(hashes)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(hashes) or not hashes:
             raise ValueError(f"need a non-empty [rows, dim] array with one hash per row; got {vectors.shape} "
@@ -479,7 +485,7 @@ class EmbeddingCache:
                 log.debug("shard %s already published (a retried write): nothing to do", shard.id)
             break
         if self._shards is not None and all(s.id != shard.id for s in self._shards):
-            self._add(shard, to_digests(hashes))
+            self._add(shard, digests if digests is not None else to_digests(hashes))
         # (when the index was never loaded, the first read lists S3 and finds this shard there)
         return shard.id
 
@@ -496,7 +502,7 @@ class EmbeddingCache:
         Returns:
             The shards found corrupt by this call (see :attr:`corrupt_shards` for all that are ignored).
         """
-        pos, found = self._lookup(list(dict.fromkeys(hashes)))
+        pos, found = self._lookup(hashes if isinstance(hashes, np.ndarray) else list(hashes))
         needed = np.unique(self._rows.shard_of[pos[found]])
         work = [i for i in needed
                 if not self._shards[i].vectors_md5 or self._shards[i].vectors_etag != self._shards[i].vectors_md5]
@@ -530,13 +536,13 @@ class EmbeddingCache:
             KeyError: some hashes are not cached (the message counts them and shows the first).
             CacheIntegrityError: a shard's bytes do not match its id or manifest.
         """
-        hashes = list(hashes)
+        hashes = hashes if isinstance(hashes, np.ndarray) else list(hashes)  # S32 digests stay one array
         pos, found = self._lookup(hashes)
         if not found.all():
-            first = hashes[int(np.argmin(found))]
+            first = to_hex(to_digests(hashes[int(np.argmin(found)) :][:1]))[0]
             raise KeyError(f"{int((~found).sum())} of {len(hashes)} rows are not in the embedding cache {self.uri} "
                            f"(first: {first}); encode them (see missing()) before reading")
-        if not hashes:
+        if len(hashes) == 0:
             dims = {s.dim for s in self._shards}
             return np.zeros((0, dims.pop() if len(dims) == 1 else 0), dtype=np.float32)
         shard_no, rows = self._rows.shard_of[pos], self._rows.row_of[pos]

@@ -47,44 +47,54 @@ def _locate(rows: np.ndarray, partitions: list[dict]) -> tuple[np.ndarray, np.nd
     return index, rows - offsets[index]
 
 
-def row_manifest(train: pd.DataFrame, test: pd.DataFrame, partitions: dict) -> pd.DataFrame:
-    """The manifest of one version's rows (see the module docstring).
+def row_manifest(train, test, partitions: dict):
+    """The manifest of one version's rows (see the module docstring), as a pyarrow Table.
 
     Args:
-        train, test: the validated frames (``text``, ``label``, ``row``).
+        train, test: the validated rows (``text``, ``label``, ``row``) as pyarrow Tables (pandas frames are
+            converted): keys are hashed chunk by chunk, so no Python object per row is held.
         partitions: the ingest snapshot's ``{"train": [...], "test": [...]}`` listing; test rows come from the
             ``test`` listing when the config named a separate test location, else from the ``train`` one.
     """
+    import pyarrow as pa
+
+    from adaptflow.row_keys import hex_column, text_digests
+
     sources = {"train": partitions.get("train") or [], "test": partitions.get("test") or partitions.get("train") or []}
     paths = list(dict.fromkeys(p["path"] for side in ("train", "test") for p in sources[side]))
     code_of = {path: i for i, path in enumerate(paths)}
     parts = []
-    for side, frame in (("train", train), ("test", test)):
+    for side, table in (("train", train), ("test", test)):
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table[["text", "label", "row"]], preserve_index=False)
         listing = sources[side]
-        index, row = _locate(frame["row"].to_numpy(dtype=np.int64), listing)
-        to_code = np.asarray([code_of[p["path"]] for p in listing] + [-1], dtype=np.int64)  # -1: no listing
-        parts.append(pd.DataFrame({
-            "text_sha256": text_hashes(frame["text"]),
-            "label": frame["label"].astype(object).to_numpy(),
-            "split": pd.Categorical.from_codes(np.full(len(frame), 0 if side == "train" else 1),
-                                               categories=["train", "test"]),
-            "partition": pd.Categorical.from_codes(to_code[index], categories=paths),
-            "row": row,
+        index, row = _locate(table.column("row").to_numpy().astype(np.int64), listing)
+        to_code = np.asarray([code_of[p["path"]] for p in listing] + [-1], dtype=np.int32)  # -1: no listing
+        codes = to_code[index]
+        parts.append(pa.table({
+            "text_sha256": hex_column(text_digests(table.column("text"))),
+            "label": table.column("label"),
+            "split": pa.DictionaryArray.from_arrays(pa.array(np.full(len(row), 0 if side == "train" else 1,
+                                                                     dtype=np.int8)), pa.array(["train", "test"])),
+            "partition": pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), pa.array(paths, pa.string())),
+            "row": pa.array(row, pa.int64()),
         }))
-    return pd.concat(parts, ignore_index=True)
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
-def manifest_bytes(manifest: pd.DataFrame) -> bytes:
-    """Parquet bytes (zstd; split and partition dictionary-encoded)."""
+def manifest_bytes(manifest) -> bytes:
+    """Parquet bytes (zstd; split and partition dictionary-encoded) of a manifest Table (or DataFrame)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if isinstance(manifest, pd.DataFrame):
+        manifest = pa.Table.from_pandas(manifest, preserve_index=False)
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), buffer, compression="zstd")
+    pq.write_table(manifest, buffer, compression="zstd")
     return buffer.getvalue()
 
 
-def publish_rows(store, prefix: str, manifest: pd.DataFrame, meta: dict | None = None) -> str:
+def publish_rows(store, prefix: str, manifest, meta: dict | None = None) -> str:
     """Publish the manifest under ``prefix`` (manifest-last; an identical earlier publication is kept); its URI."""
     from adaptflow.store import ConflictError
 

@@ -82,16 +82,17 @@ def plan_stage(ctx, config: RunConfig, tokens: dict, encoder: dict) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from adaptflow.cache_index import to_hex
+    from adaptflow.row_keys import digests_of_hex
     from adaptflow.stages import embed_cache
     from adaptflow.store import ConflictError, parse_s3_uri
 
     cache = embed_cache(ctx, config, encoder)
     table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(tokens["tokens"])[1])))
-    hashes = np.asarray(table.column("text_sha256").to_numpy(zero_copy_only=False), dtype="S64")
-    cache.verify(h.decode() for h in hashes)  # a corrupt shard's rows count as missing (as in embed_stage)
-    todo = np.asarray(cache.missing(h.decode() for h in hashes), dtype="S64")
-    todo_rows = np.flatnonzero(np.isin(hashes, todo))  # positions in the tokens table (one row per distinct text)
-    planned = plan_parts([h.decode() for h in hashes[todo_rows]], config.orchestration.shard_rows, cache.key)
+    hashes = digests_of_hex(table.column("text_sha256"))
+    cache.verify(hashes)  # a corrupt shard's rows count as missing (as in embed_stage)
+    todo_rows = np.flatnonzero(~cache.found(hashes))  # positions in the tokens table (one row per distinct text)
+    planned = plan_parts(to_hex(hashes[todo_rows]), config.orchestration.shard_rows, cache.key)
     parts = []
     for index, part in enumerate(planned):
         rows = todo_rows[part.rows]
@@ -122,21 +123,21 @@ def part_stage(ctx, config: RunConfig, part: dict, encoder: dict, dtype: str) ->
 
     from adaptflow.cache import EmbeddingCache
     from adaptflow.embed import TokenIds
+    from adaptflow.row_keys import digests_of_hex
     from adaptflow.stages import embed_device, encode_into_cache
     from adaptflow.store import parse_s3_uri
 
     table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(part["tokens"])[1])))
-    hashes = table.column("text_sha256").to_pylist()
+    hashes = digests_of_hex(table.column("text_sha256"))
     cache = EmbeddingCache(ctx.store, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
                            pooling=config.encoder.pooling, dtype=dtype)
     cache.verify(hashes)
-    missing = set(cache.missing(hashes))
-    rows = [i for i, h in enumerate(hashes) if h in missing]
+    rows = np.flatnonzero(~cache.found(hashes))
     device = embed_device(config)
     tokens_per_s = None
-    if rows:
-        ids = TokenIds.from_arrow(table.column("ids")).take(np.asarray(rows))
-        tokens_per_s = encode_into_cache(ctx, cache, [hashes[i] for i in rows], ids, encoder_ref=encoder["ref"],
+    if len(rows):
+        ids = TokenIds.from_arrow(table.column("ids")).take(rows)
+        tokens_per_s = encode_into_cache(ctx, cache, [(hashes[rows], ids)], encoder_ref=encoder["ref"],
                                          device=device, tokens_per_batch=config.encoder.tokens_per_batch)
     log.info("part %s: %d rows encoded (%s tokens/s, %s on %s), %d already cached", part["key"], len(rows),
              tokens_per_s, dtype, device, len(hashes) - len(rows))
@@ -149,6 +150,7 @@ def missing_rows(ctx, config: RunConfig, plan: dict, encoder: dict, parts: Seque
     import pyarrow.parquet as pq
 
     from adaptflow.cache import EmbeddingCache
+    from adaptflow.row_keys import digests_of_hex
     from adaptflow.store import parse_s3_uri
 
     cache = EmbeddingCache(ctx.store, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
@@ -157,5 +159,5 @@ def missing_rows(ctx, config: RunConfig, plan: dict, encoder: dict, parts: Seque
     for part in plan["parts"] if parts is None else parts:
         table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(part["tokens"])[1])),
                               columns=["text_sha256"])
-        result[part["key"]] = len(cache.missing(table.column("text_sha256").to_pylist()))
+        result[part["key"]] = int((~cache.found(digests_of_hex(table.column("text_sha256")))).sum())
     return result

@@ -65,6 +65,16 @@ def _cached(ctx: StageContext, prefix: str) -> dict | None:
     return None if manifest is None else manifest["meta"]
 
 
+def read_columns(ctx: StageContext, uri: str, columns: list[str]):
+    """Some columns of a stage's Parquet output as a pyarrow Table (checked against its manifest): strings stay
+    in Arrow buffers, with no Python object per row."""
+    import pyarrow.parquet as pq
+
+    from adaptflow.store import parse_s3_uri
+
+    return pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(uri)[1])), columns=columns)
+
+
 def read_frame(ctx: StageContext, uri: str) -> pd.DataFrame:
     """A stage's Parquet output as a DataFrame, checked against its manifest."""
     from adaptflow.data import read_parquet_bytes
@@ -239,33 +249,48 @@ def validate_stage(ctx: StageContext, config: RunConfig, snapshot: dict) -> dict
 # ---------------------------------------------------------------------------------------------- text → vectors
 
 
+TOKENS_ROW_GROUP = 1 << 17  # rows per row group of tokens.parquet: the embed stage encodes one at a time
+
+
 def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict) -> dict:
     """Tokenize each distinct text once (truncated, unpadded); store ids keyed by the text's sha256.
 
-    Ids are stored as one Arrow ``list<int32>`` column and held as a :class:`~adaptflow.embed.TokenIds` (4 bytes
-    a token) rather than lists of Python ints (~36 bytes a token): what keeps this stage small at millions of rows.
+    Streams: texts stay in Arrow buffers, row keys are 32-byte digests (``adaptflow.row_keys``), and ids are
+    written as ``list<int32>`` row groups of ``TOKENS_ROW_GROUP`` texts as they are made, so the stage holds
+    one row group of ids (4 bytes a token), never a Python object per row: flat in the dataset's size.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from adaptflow.cache import text_sha256
     from adaptflow.embed import tokenize_ragged
+    from adaptflow.row_keys import first_seen, hex_column, text_digests
 
     prefix = f"tokens/{stage_key('tokenize', data=validated['digest'], encoder=encoder['digest'], max_length=config.encoder.max_length)}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        texts = pd.concat([read_frame(ctx, validated["train"])["text"], read_frame(ctx, validated["test"])["text"]])
-        texts = list(dict.fromkeys(texts))  # distinct, order kept
+        texts = pa.chunked_array([chunk for name in ("train", "test")
+                                  for chunk in read_columns(ctx, validated[name], ["text"]).column("text").chunks],
+                                 type=pa.string())
+        digests = text_digests(texts)
+        distinct = first_seen(digests)  # one row per distinct text, in first-seen order
+        texts, digests = texts.take(distinct), digests[distinct]
         tokenizer, _ = load_stage_encoder(ctx, encoder)
-        started = time.perf_counter()
-        ids = tokenize_ragged(tokenizer, texts, config.encoder.max_length)
-        table = pa.table({"text_sha256": pa.array([text_sha256(t) for t in texts], pa.string()), "ids": ids.to_arrow()})
-        del texts
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        total = int(len(ids.values))
-        log.info("tokenized %d texts, %d tokens in %.2fs", len(ids), total, time.perf_counter() - started)
-        meta = _publish_once(ctx, prefix, {"tokens.parquet": buffer.getvalue()}, {"rows": len(ids), "n_tokens": total})
+        started, total = time.perf_counter(), 0
+        schema = pa.schema([("text_sha256", pa.string()), ("ids", pa.list_(pa.int32()))])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tokens.parquet"
+            with pq.ParquetWriter(path, schema) as writer:
+                for start in range(0, len(texts), TOKENS_ROW_GROUP):
+                    ids = tokenize_ragged(tokenizer, texts.slice(start, TOKENS_ROW_GROUP).to_pylist(),
+                                          config.encoder.max_length)
+                    total += int(len(ids.values))
+                    writer.write_table(pa.table({"text_sha256": hex_column(digests[start : start + len(ids)]),
+                                                 "ids": ids.to_arrow().cast(pa.list_(pa.int32()))}, schema=schema),
+                                       row_group_size=TOKENS_ROW_GROUP)
+                if len(texts) == 0:
+                    writer.write_table(schema.empty_table())
+            log.info("tokenized %d texts, %d tokens in %.2fs", len(texts), total, time.perf_counter() - started)
+            meta = _publish_once(ctx, prefix, {"tokens.parquet": path}, {"rows": len(texts), "n_tokens": total})
     return {"tokens": ctx.store.uri(f"{prefix}/tokens.parquet"), **meta}
 
 
@@ -282,22 +307,27 @@ def head_adapter(head: dict | None) -> dict | None:
     return {"uri": head["adapter"], "digest": head["adapter_digest"]} if head and head.get("adapter") else None
 
 
-def encode_missing(ctx: StageContext, cache, texts: list[str], *, encoder_ref: str, adapter: dict | None = None,
+def encode_missing(ctx: StageContext, cache, texts, *, encoder_ref: str, adapter: dict | None = None,
                    device: str = "cpu") -> int:
-    """Encode the ``texts`` ``cache`` lacks (with its encoder, and ``adapter`` merged when the cache is an
-    adapted encoder's); returns how many distinct texts were encoded."""
-    from adaptflow.cache import text_sha256
-    from adaptflow.embed import tokenize_ragged
+    """Encode the ``texts`` (a list, pandas Series or Arrow column) ``cache`` lacks, with its encoder (and
+    ``adapter`` merged when the cache is an adapted encoder's); returns how many distinct texts were encoded."""
+    import pyarrow as pa
 
-    hashes = [text_sha256(t) for t in texts]
-    missing = set(cache.missing(hashes))
-    if not missing:
+    from adaptflow.embed import tokenize_ragged
+    from adaptflow.row_keys import first_seen, text_digests
+
+    digests = text_digests(texts)
+    todo = np.flatnonzero(~cache.found(digests))
+    if len(todo) == 0:
         return 0
-    todo = list(dict.fromkeys(t for t, h in zip(texts, hashes) if h in missing))
+    todo = todo[first_seen(digests[todo])]
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        todo_texts = texts.take(todo).to_pylist()
+    else:
+        todo_texts = [texts.iloc[i] if isinstance(texts, pd.Series) else texts[i] for i in todo]
     tokenizer, _ = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]})
-    ids = tokenize_ragged(tokenizer, todo, cache.spec["max_length"])
-    encode_into_cache(ctx, cache, [text_sha256(t) for t in todo], ids, encoder_ref=encoder_ref, device=device,
-                      adapter=adapter)
+    ids = tokenize_ragged(tokenizer, todo_texts, cache.spec["max_length"])
+    encode_into_cache(ctx, cache, [(digests[todo], ids)], encoder_ref=encoder_ref, device=device, adapter=adapter)
     return len(todo)
 
 
@@ -313,11 +343,13 @@ def embed_cache(ctx: StageContext, config: RunConfig, encoder: dict):
     return _cache_for(ctx, config, encoder, resolve_dtype(config.encoder.dtype, embed_device(config)))
 
 
-def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *, encoder_ref: str, device: str,
+def encode_into_cache(ctx: StageContext, cache, windows, *, encoder_ref: str, device: str,
                       tokens_per_batch: int | None = None, adapter: dict | None = None) -> float | None:
     """Encode rows and write them to ``cache`` one shard per chunk (a crash loses at most one chunk).
 
-    ``token_ids`` is a :class:`~adaptflow.embed.TokenIds` or a list of id lists, one per hash. The encoder at
+    ``windows`` yields ``(digests, token_ids)`` pairs: ``S32`` row keys (``adaptflow.row_keys``; hex strings
+    are accepted too) and a :class:`~adaptflow.embed.TokenIds` (or id lists), one per key. Each window is
+    length-sorted and encoded on its own, so only one window's ids need be in memory. The encoder at
     ``encoder_ref`` must be the snapshot the cache is keyed on (its digest is checked before anything is
     encoded), and pooling and dtype are the cache's own: vectors can only land under the key that describes them.
     ``adapter`` must be the one the cache is keyed on (or None for a frozen encoder's cache).
@@ -325,55 +357,70 @@ def encode_into_cache(ctx: StageContext, cache, hashes: list[str], token_ids, *,
     Returns:
         tokens/s of the forward passes, or None when there was nothing to encode.
     """
+    from adaptflow.cache_index import to_digests
     from adaptflow.embed import TokenIds, iter_encode
 
-    if not hashes:
-        return None
     if (adapter or {}).get("digest") != cache.spec.get("adapter_digest"):
         raise ValueError(f"adapter {(adapter or {}).get('digest')} is not the one cache {cache.uri} is keyed on "
                          f"({cache.spec.get('adapter_digest')})")
-    _, model = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]}, device=device,
-                                  adapter=adapter)
+    model, n_tokens, seconds = None, 0, 0.0
     pooling, dtype = cache.spec["pooling"], cache.spec["dtype"]
-    hashes_array = np.asarray(hashes, dtype=object)  # pointers to the str objects, not 256 bytes a hash (<U64)
-    started = time.perf_counter()
-    n_tokens = len(token_ids.values) if isinstance(token_ids, TokenIds) else sum(map(len, token_ids))
-    for indices, vectors in iter_encode(model, token_ids, pooling=pooling, dtype=dtype, device=device,
-                                        tokens_per_batch=tokens_per_batch):
-        cache.write_shard(list(hashes_array[indices]), vectors)
-    return round(n_tokens / (time.perf_counter() - started), 1)
+    for hashes, token_ids in windows:
+        if len(hashes) == 0:
+            continue
+        if model is None:  # loaded once, and only when there is something to encode
+            _, model = load_stage_encoder(ctx, {"ref": encoder_ref, "digest": cache.spec["encoder_digest"]},
+                                          device=device, adapter=adapter)
+        digests = to_digests(hashes)
+        started = time.perf_counter()
+        n_tokens += len(token_ids.values) if isinstance(token_ids, TokenIds) else sum(map(len, token_ids))
+        for indices, vectors in iter_encode(model, token_ids, pooling=pooling, dtype=dtype, device=device,
+                                            tokens_per_batch=tokens_per_batch):
+            cache.write_shard(digests[indices], vectors)
+        seconds += time.perf_counter() - started
+    return round(n_tokens / seconds, 1) if model is not None else None
 
 
 def embed_stage(ctx: StageContext, config: RunConfig, tokens: dict, encoder: dict) -> dict:
-    """Encode only the rows the cache has never seen; everything else is read back later by hash."""
+    """Encode only the rows the cache has never seen; everything else is read back later by hash.
+
+    Row keys are one ``S32`` array; ids are read and encoded one row group of tokens.parquet at a time, so
+    the stage's memory is the keys (32 bytes a row) plus one row group, whatever the dataset's size.
+    """
     import pyarrow.parquet as pq
 
+    from adaptflow.cache_index import to_digests
     from adaptflow.embed import TokenIds, release_free_memory, resolve_dtype
+    from adaptflow.row_keys import digests_of_hex, is_member
     from adaptflow.store import parse_s3_uri
 
     device = resolve_device(config.encoder.device)
     dtype = resolve_dtype(config.encoder.dtype, device)
     cache = _cache_for(ctx, config, encoder, dtype)
-    # pyarrow, not pandas: the ids stay one flat int32 buffer (pandas would make an array object per row)
-    table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(parse_s3_uri(tokens["tokens"])[1])))
-    hashes = table.column("text_sha256").to_pylist()
-    cache.verify(hashes)  # a corrupt shard holding some of these rows is marked and left out: they count as missing
-    todo_hashes = cache.missing(hashes)  # in row order: the tokenize stage keeps one row per distinct text
-    lost = {h for shard in cache.corrupt_shards for h in shard.hashes}
-    corrupt = {"shards_ignored": len(cache.corrupt_shards), "rows_reencoded": sum(h in lost for h in todo_hashes)}
-    del lost
-    missing = set(todo_hashes)
-    todo = np.fromiter((h in missing for h in hashes), dtype=bool, count=len(hashes))
-    n_rows, n_todo = len(hashes), len(todo_hashes)
-    del hashes, missing
-    todo_ids = TokenIds.from_arrow(table.column("ids"))
-    if n_todo < n_rows:  # a cold run encodes every row: no copy needed
-        todo_ids = todo_ids.take(np.flatnonzero(todo))
-    del table
-    release_free_memory()  # the frames and temporaries above are garbage now: keep them out of the encode's peak
-    tokens_per_s = encode_into_cache(
-        ctx, cache, todo_hashes, todo_ids, encoder_ref=encoder["ref"], device=device,
-        tokens_per_batch=config.encoder.tokens_per_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_file = pq.ParquetFile(ctx.store.get_verified_file(parse_s3_uri(tokens["tokens"])[1],
+                                                                 Path(tmp) / "tokens.parquet"))
+        digests = digests_of_hex(tokens_file.read(columns=["text_sha256"]).column("text_sha256"))
+        cache.verify(digests)  # a corrupt shard holding some of these rows is marked and left out: they count as missing
+        todo = ~cache.found(digests)  # the tokenize stage keeps one row per distinct text
+        lost = to_digests([h for shard in cache.corrupt_shards for h in shard.hashes])
+        corrupt = {"shards_ignored": len(cache.corrupt_shards),
+                   "rows_reencoded": int(is_member(digests[todo], lost).sum())}
+        n_rows, n_todo = len(digests), int(todo.sum())
+        release_free_memory()  # the temporaries above are garbage now: keep them out of the encode's peak
+
+        def windows():
+            start = 0
+            for group in range(tokens_file.num_row_groups):
+                size = tokens_file.metadata.row_group(group).num_rows
+                rows = np.flatnonzero(todo[start : start + size])
+                if len(rows):
+                    ids = TokenIds.from_arrow(tokens_file.read_row_group(group, columns=["ids"]).column("ids"))
+                    yield digests[start + rows], (ids if len(rows) == size else ids.take(rows))
+                start += size
+
+        tokens_per_s = encode_into_cache(ctx, cache, windows(), encoder_ref=encoder["ref"], device=device,
+                                         tokens_per_batch=config.encoder.tokens_per_batch)
     cache.compact()  # record new shards in the cache index: the next run GETs one generation, not every hashes.txt
     log.info("embeddings: %d rows encoded (%s tokens/s, %s on %s), %d from cache %s",
              n_todo, tokens_per_s, dtype, device, n_rows - n_todo, cache.prefix)
@@ -396,33 +443,49 @@ def _arrays(ctx: StageContext, config: RunConfig, encoder: dict, embedded: dict,
     :class:`~adaptflow.rowfile.RowFile` under ``spill_dir`` with the rows in a seeded random order (``y``
     permuted alike), which is what the streamed head training needs.
     """
-    from adaptflow.cache import text_sha256
+    from adaptflow.row_keys import text_digests
     from adaptflow.rowfile import RowFile, in_memory_budget
 
-    frame = read_frame(ctx, frame_uri)
-    hashes = [text_sha256(t) for t in frame["text"]]
+    table = read_columns(ctx, frame_uri, ["text", "label"])  # Arrow: no Python object per row
+    hashes = text_digests(table.column("text"))
     if multilabel:  # 0/1 targets [n, k] from the rows' label sets
         from adaptflow.multilabel import indicator
 
-        y = indicator(frame["label"].tolist(), labels)
+        y = indicator(table.column("label").to_pylist(), labels)
     else:
-        y = frame["label"].map({label: i for i, label in enumerate(labels)}).to_numpy(dtype=np.int64)
+        y = label_indices(table.column("label"), labels)
     cache = _cache_for(ctx, config, encoder, embedded["dtype"], adapter)
     if adapter is not None:
-        started, n = time.perf_counter(), encode_missing(ctx, cache, list(frame["text"]), encoder_ref=encoder["ref"],
+        started, n = time.perf_counter(), encode_missing(ctx, cache, table.column("text"), encoder_ref=encoder["ref"],
                                                          adapter=adapter, device=embed_device(config))
         if n:
             log.info("adapted encoder: %d rows encoded in %.1fs into %s", n, time.perf_counter() - started, cache.uri)
-    del frame
+    del table
     dim = int(encoder["hidden_size"])
     if len(hashes) * dim * 4 <= in_memory_budget():
         return cache.read(hashes), y
     perm = np.random.default_rng(seed).permutation(len(hashes))  # row i of the file holds source row perm[i]
     rows = RowFile(Path(spill_dir) / "vectors.f32", len(hashes), dim)
-    cache.read([hashes[i] for i in perm], out=rows)
+    cache.read(hashes[perm], out=rows)
     log.info("%d x %d vectors (%.0f MB) over the in-memory budget: streaming them from %s",
              len(hashes), dim, len(hashes) * dim * 4 / 2**20, rows.path)
     return rows, y[perm]
+
+
+def label_indices(column, labels: list) -> np.ndarray:
+    """Each row's label as its index in ``labels`` (int64), from an Arrow column without a Python object per row.
+
+    Raises:
+        ValueError: a row's label is not in ``labels`` (or missing).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index = pc.index_in(column, value_set=pa.array(labels).cast(column.type))
+    if index.null_count:
+        bad = pc.filter(column, pc.is_null(index)).slice(0, 1).to_pylist()
+        raise ValueError(f"{index.null_count} rows have labels outside the trained labels {labels} (first: {bad})")
+    return index.to_numpy().astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- head
@@ -432,16 +495,18 @@ def training_tokens(ctx: StageContext, config: RunConfig, validated: dict, encod
     """(token ids, label indices) of the training rows in the validated frame's order (the tokenize stage's ids)."""
     import pyarrow.parquet as pq
 
-    from adaptflow.cache import text_sha256
     from adaptflow.embed import TokenIds
+    from adaptflow.row_keys import digests_of_hex, text_digests
     from adaptflow.store import parse_s3_uri
 
-    frame = read_frame(ctx, validated["train"])
-    y = frame["label"].map({label: i for i, label in enumerate(validated["labels"])}).to_numpy(dtype=np.int64)
+    frame = read_columns(ctx, validated["train"], ["text", "label"])
+    y = label_indices(frame.column("label"), validated["labels"])
     table = pq.read_table(io.BytesIO(ctx.store.get_verified_bytes(
         parse_s3_uri(tokenize_stage(ctx, config, validated, encoder)["tokens"])[1])))
-    position = {h: i for i, h in enumerate(table.column("text_sha256").to_pylist())}
-    return TokenIds.from_arrow(table.column("ids")).take([position[text_sha256(t)] for t in frame["text"]]), y
+    keys = digests_of_hex(table.column("text_sha256"))
+    order = np.argsort(keys)  # every training text was tokenized: a binary search finds its row
+    rows = order[np.searchsorted(keys, text_digests(frame.column("text")), sorter=order)]
+    return TokenIds.from_arrow(table.column("ids")).take(rows), y
 
 
 def lora_trial(ctx: StageContext, config: RunConfig, validated: dict, encoder: dict, head_config, order: np.ndarray):
@@ -609,7 +674,8 @@ def train_lora_stage(ctx: StageContext, config: RunConfig, validated: dict, enco
               "adapter": ctx.store.uri(f"{prefix}/adapter.safetensors"), **meta}
     # the training rows' adapted vectors, which drift compares new rows with (a lookup once they are cached)
     cache = _cache_for(ctx, config, encoder, embedded["dtype"], head_adapter(result))
-    encoded = encode_missing(ctx, cache, list(read_frame(ctx, validated["train"])["text"]), encoder_ref=encoder["ref"],
+    encoded = encode_missing(ctx, cache, read_columns(ctx, validated["train"], ["text"]).column("text"),
+                             encoder_ref=encoder["ref"],
                              adapter=head_adapter(result), device=resolve_device(config.encoder.device))
     if encoded:
         log.info("lora: %d training rows encoded with the adapter into %s", encoded, cache.uri)
@@ -684,7 +750,8 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
     spec_fields = dict(encoder_ref=encoder_ref, encoder_digest=encoder["digest"], max_length=config.encoder.max_length,
                        pooling=config.encoder.pooling, dtype=embedded["dtype"], labels=validated["labels"],
                        task=task_of(validated))
-    train, test = read_frame(ctx, validated["train"]), read_frame(ctx, validated["test"])
+    # Arrow tables, and Arrow-backed frames for MLflow: the rows' texts never become one Python object each
+    train, test = (read_columns(ctx, validated[name], ["text", "label", "row"]) for name in ("train", "test"))
     params = {"config": config.model_dump_json(), **_flatten(config.model_dump())}
     auto = head.get("auto")  # head.kind: auto: what was chosen, and on what evidence
     if auto:
@@ -729,18 +796,24 @@ def register_stage(ctx: StageContext, config: RunConfig, *, flow_run_id: str, en
                      "rows_cached": embedded["cached"], "best_epoch": head["best_epoch"],
                      **(selection_metrics(auto) if auto else {})},
             tags={**tags, "adaptflow.snapshot": snapshot["snapshot"]},
-            datasets=[DatasetInput(frame[["text", "label"]], name, validated[name], _short(frame_digest(frame)), context)
-                      for frame, name, context in ((train, "train", "training"), (test, "test", "evaluation"))],
+            datasets=[DatasetInput(frame, name, validated[name], _short(frame_digest(frame)), context)
+                      for frame, name, context in ((arrow_frame(train), "train", "training"),
+                                                   (arrow_frame(test), "test", "evaluation"))],
             artifacts_dir=artifacts,
         )
         version = log_and_register(
             tracking_uri=ctx.settings.mlflow_tracking_uri, experiment=config.mlflow.experiment,
             model_name=config.name, flow_run_id=flow_run_id, record=record, head_path=head_path, spec=spec,
             adapter_path=adapter_path,
-            input_texts=list(test["text"].head(3)), version_tags={**tags, "adaptflow.flow_run_id": flow_run_id},
+            input_texts=test.column("text").slice(0, 3).to_pylist(), version_tags={**tags, "adaptflow.flow_run_id": flow_run_id},
         )
     return {"run_id": version.run_id, "model_name": version.model_name, "version": version.version,
             "aliases": version.aliases, "model_uri": version.model_uri}
+
+
+def arrow_frame(table) -> pd.DataFrame:
+    """``text`` and ``label`` of a validated Table as a pandas frame whose strings stay in Arrow buffers."""
+    return table.select(["text", "label"]).to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def _short(digest: str) -> str:
