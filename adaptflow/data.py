@@ -29,6 +29,7 @@ FRAME_COLUMNS = ["text", "label", "group", "row"]
 _TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 SUPPORTED_SUFFIXES = sorted([*_TEXT_FORMATS, ".parquet"] + [s + ".gz" for s in _TEXT_FORMATS])
 _EXAMPLES = 5
+CHUNK_ROWS = 65_536  # rows turned into Python objects at a time (digests, normalising)
 
 
 class DataError(ValueError):
@@ -378,13 +379,22 @@ def split_frame(df: pd.DataFrame, *, test_size: float, seed: int, method: str = 
 # ----------------------------------------------------------------------------------------------- snapshots
 
 
-def frame_digest(df: pd.DataFrame) -> str:
-    """``"sha256:<hex>"`` of the content: columns in sorted order, rows as given; index and dtypes ignored."""
+def frame_digest(df: pd.DataFrame, *, chunk_rows: int = CHUNK_ROWS) -> str:
+    """``"sha256:<hex>"`` of the content: columns in sorted order, rows as given; index and dtypes ignored.
+
+    Per column, the bytes hashed are ``json.dumps([name, values], ensure_ascii=False, default=str)`` and a
+    newline (missing values as null); they are fed ``chunk_rows`` values at a time, so no whole-column list or
+    string is ever built.
+    """
     h = hashlib.sha256()
     for column in sorted(df.columns, key=str):
-        values = [None if is_missing(v) else v for v in df[column].tolist()]
-        h.update(json.dumps([str(column), values], ensure_ascii=False, default=str).encode("utf-8"))
-        h.update(b"\n")
+        series = df[column]
+        h.update(f"[{json.dumps(str(column), ensure_ascii=False)}, [".encode("utf-8"))
+        for start in range(0, len(series), chunk_rows):
+            values = [None if is_missing(v) else v for v in series.iloc[start:start + chunk_rows].tolist()]
+            items = json.dumps(values, ensure_ascii=False, default=str)[1:-1]  # the chunk's items, no brackets
+            h.update(((", " if start else "") + items).encode("utf-8"))
+        h.update(b"]]\n")
     return "sha256:" + h.hexdigest()
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from adaptflow.data import (
     DataError,
     frame_digest,
+    is_missing,
     normalise_text,
     prepare_frame,
     read_parquet_bytes,
@@ -221,6 +223,35 @@ def test_digest_and_parquet_round_trip():
     assert frame_digest(df) != frame_digest(df.iloc[::-1]) and frame_digest(df).startswith("sha256:")
     with pytest.raises(DataError, match="unreadable"):
         read_parquet_bytes(b"junk")
+
+
+def _whole_column_digest(df: pd.DataFrame) -> str:
+    """The digest as it was first written: one json.dumps per whole column."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for column in sorted(df.columns, key=str):
+        values = [None if is_missing(v) else v for v in df[column].tolist()]
+        h.update(json.dumps([str(column), values], ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 1000])
+def test_chunked_digest_equals_the_whole_column_formula(chunk_rows):
+    df = pd.DataFrame({
+        "text": ["caf\u00e9", None, "\u65e5\u672c \"q\" \\ \n", float("nan"), "", "x", "\U0001f600", "y", "z"],
+        "label": pd.Series(["a", "b", None, "a", "b", "a", "b", "a", "b"], dtype=object),
+        "row": np.arange(1, 10, dtype=np.int64),
+        "score": [0.5, float("nan"), 1e300, -0.0, 2.0, 3.25, 7.0, 1.5, 0.1],
+        "mixed": pd.Series([1, "1", None, 2.5, True, pd.NA, "\u00e9", 3, None], dtype=object),
+        1: ["k"] * 9,  # a non-string column name
+    })
+    expected = _whole_column_digest(df)
+    assert frame_digest(df, chunk_rows=chunk_rows) == expected
+    assert frame_digest(df.iloc[:0], chunk_rows=chunk_rows) == _whole_column_digest(df.iloc[:0])
+    arrow = df.assign(text=df["text"].astype(pd.ArrowDtype(pa.large_string())))  # Arrow-held text: same digest
+    assert frame_digest(arrow, chunk_rows=chunk_rows) == expected
 
 
 # ---------------------------------------------------------------------------------------------- real data
