@@ -30,6 +30,7 @@ _TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "js
 SUPPORTED_SUFFIXES = sorted([*_TEXT_FORMATS, ".parquet"] + [s + ".gz" for s in _TEXT_FORMATS])
 _EXAMPLES = 5
 CHUNK_ROWS = 65_536  # rows turned into Python objects at a time (digests, normalising)
+TEXT_DTYPE = pd.ArrowDtype(pa.large_string())  # string columns of prepared frames and snapshots; missing: pd.NA
 
 
 class DataError(ValueError):
@@ -282,16 +283,34 @@ def _suggest(name: str, columns: list[str]) -> str:
     return f" Did you mean {lowered[match[0]]!r}?" if match else ""
 
 
-def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: np.ndarray) -> list[str | None]:
-    """Column values as NFC-stripped strings or None; anything that is not a fitting scalar raises DataError."""
+def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: np.ndarray) -> pa.ChunkedArray:
+    """Column values as NFC-stripped Arrow strings (null when missing); anything that is not a fitting scalar raises
+    DataError. Values become Python objects :data:`CHUNK_ROWS` at a time; only the Arrow chunks are kept."""
     if role == "text" and (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
         raise DataError(
             f"{source}: text column {column!r} holds {series.dtype} values (rows {format_rows(rows.tolist())}), "
             f"not text. Set text_column to the column holding the texts."
         )
-    out: list[str | None] = []
+    chunks: list[pa.Array] = []
     bad: list[tuple[int, str]] = []
-    for row, value in zip(rows.tolist(), series.tolist()):
+    for start in range(0, len(series), CHUNK_ROWS):
+        chunk = _normalise_chunk(series.iloc[start:start + CHUNK_ROWS].tolist(),
+                                 rows[start:start + CHUNK_ROWS].tolist(), role, bad)
+        chunks.append(pa.array(chunk, pa.large_string()))
+    if bad:
+        kinds = ", ".join(sorted({kind for _, kind in bad}))
+        raise DataError(
+            f"{source}: {role} column {column!r} holds {kinds} values at rows {format_rows([r for r, _ in bad])}; "
+            f"expected {'strings' if role == 'text' else 'strings or integers'}. "
+            f"Fix those rows or choose another column."
+        )
+    return pa.chunked_array(chunks, pa.large_string())
+
+
+def _normalise_chunk(values: list, rows: list[int], role: str, bad: list[tuple[int, str]]) -> list[str | None]:
+    """One chunk of :func:`_normalise`; appends ``(row, kind)`` to ``bad`` for values that do not fit."""
+    out: list[str | None] = []
+    for row, value in zip(rows, values):
         if isinstance(value, str) or is_missing(value):
             text = normalise_text(value)
         elif role == "time" and isinstance(value, (datetime.date, np.datetime64)):
@@ -310,13 +329,6 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
             if text is None or fractional:  # 0.5 is a score, not a class
                 bad.append((row, "non-integer number" if fractional else _type_name(value)))
         out.append(text if text or role == "text" else None)
-    if bad:
-        kinds = ", ".join(sorted({kind for _, kind in bad}))
-        raise DataError(
-            f"{source}: {role} column {column!r} holds {kinds} values at rows {format_rows([r for r, _ in bad])}; "
-            f"expected {'strings' if role == 'text' else 'strings or integers'}. "
-            f"Fix those rows or choose another column."
-        )
     return out
 
 
@@ -327,9 +339,9 @@ def prepare_frame(
     """Select and normalise the text/label/group (and time) columns.
 
     Returns:
-        DataFrame with ``text`` (NFC, stripped; None when missing), ``label`` (str or None), ``group`` (str or
-        None) and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1);
-        with ``time_column``, also ``time`` (str: numbers as ``label`` values are, dates/timestamps ISO 8601).
+        DataFrame with ``text`` (NFC, stripped; missing: null), ``label`` and ``group`` (strings or null), all
+        three held as Arrow strings (:data:`TEXT_DTYPE`), and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1);
+        with ``time_column``, also ``time`` (Arrow string: numbers as ``label`` values are, dates/timestamps ISO 8601).
     """
     columns = [str(c) for c in df.columns]
     wanted = {"text_column": text_column, "label_column": label_column}
@@ -352,9 +364,9 @@ def prepare_frame(
 
     def column(role: str, name: str | None) -> pd.Series:
         if name is None:
-            return pd.Series([None] * len(df), dtype=object)
+            return pd.Series(pd.arrays.ArrowExtensionArray(pa.nulls(len(df), pa.large_string())))
         values = _normalise(df[name], role=role, column=name, source=source, rows=rows)
-        return pd.Series(values, dtype=object)  # object keeps None (pandas' str dtype would turn it into NaN)
+        return pd.Series(pd.arrays.ArrowExtensionArray(values))  # Arrow-held: no Python object per row
 
     frame = pd.DataFrame(
         {"text": column("text", text_column), "label": column("label", label_column),
@@ -410,12 +422,13 @@ def to_parquet_bytes(df: pd.DataFrame) -> bytes:
 
 
 def read_parquet_bytes(data: bytes) -> pd.DataFrame:
-    """Inverse of :func:`to_parquet_bytes`; string columns come back as objects with None for missing."""
+    """Inverse of :func:`to_parquet_bytes`; string columns come back Arrow-held (:data:`TEXT_DTYPE`, missing:
+    pd.NA, which :func:`is_missing` knows), not as one Python object per row."""
     try:
-        df = pd.read_parquet(io.BytesIO(data))
+        table = pq.read_table(pa.BufferReader(data))
+        strings = pa.schema([pa.field(f.name, pa.large_string()) if pa.types.is_string(f.type) else f
+                             for f in table.schema])
+        table = table.cast(strings)
+        return table.to_pandas(types_mapper={pa.large_string(): TEXT_DTYPE}.get, ignore_metadata=True)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"parquet snapshot ({len(data)} bytes) is unreadable ({e}); rebuild the snapshot.") from None
-    for column in df.columns:
-        if pd.api.types.is_string_dtype(df[column].dtype) or df[column].dtype == object:
-            df[column] = df[column].astype(object).where(df[column].notna(), None)
-    return df

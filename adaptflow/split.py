@@ -127,10 +127,11 @@ def parse_times(values: pd.Series, rows: np.ndarray, where: str = "") -> np.ndar
     if missing.any():
         raise DataError(f"{where}the time column is empty at rows {format_rows(rows[missing].tolist())}; every row "
                         f"needs a time for split: time. Fill those rows or drop them.")
-    numbers = pd.to_numeric(values, errors="coerce")
+    text = values.astype(str)  # NaN-missing strings: an Arrow-held column's NaN-free numbers stay numbers
+    numbers = pd.to_numeric(text, errors="coerce")
     if numbers.notna().all():
         return numbers.to_numpy(dtype=np.float64)
-    stamps = pd.to_datetime(values.astype(str), errors="coerce", utc=True, format="mixed")
+    stamps = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
     bad = stamps.isna().to_numpy()
     if bad.any():
         examples = ", ".join(repr(v) for v in values[bad].head(3).tolist())

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from adaptflow.data import (
+    TEXT_DTYPE,
     DataError,
     frame_digest,
     is_missing,
@@ -31,6 +32,11 @@ ROTTEN = Path(__file__).resolve().parents[1] / "examples" / "data" / "rotten_tom
 def write(path: Path, data: str | bytes) -> Path:
     path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def plain(series: pd.Series) -> list:
+    """Values with missing ones as None (prepared frames and snapshots hold Arrow strings: missing is pd.NA)."""
+    return [None if is_missing(v) else v for v in series.tolist()]
 
 
 def prepare(df, **kw):
@@ -126,8 +132,8 @@ def test_prepare_normalises_and_numbers_rows(tmp_path):
     df = read_table(write(tmp_path / "d.csv", f'text,label,movie\n"{decomposed}", pos ,m1\n,,\n'))
     out = prepare(df, group_column="movie")
     assert list(out.columns) == ["text", "label", "group", "row"]
-    assert out["text"].tolist() == ["café", None] and out["text"][0] == unicodedata.normalize("NFC", "café")
-    assert out["label"].tolist() == ["pos", None] and out["group"].tolist() == ["m1", None]
+    assert plain(out["text"]) == ["café", None] and out["text"][0] == unicodedata.normalize("NFC", "café")
+    assert plain(out["label"]) == ["pos", None] and plain(out["group"]) == ["m1", None]
     assert out["row"].tolist() == [1, 2]
     assert normalise_text(decomposed) == "café" and normalise_text(None) is None
 
@@ -152,7 +158,7 @@ def test_parquet_types_are_checked_and_float_labels_repaired(tmp_path):
     path = tmp_path / "d.parquet"
     pd.DataFrame({"text": ["a", "b", "c"], "label": [1.0, np.nan, 0.0], "n": [1, 2, 3]}).to_parquet(path)
     out = prepare(read_table(path), source="d.parquet")
-    assert out["label"].tolist() == ["1", None, "0"]  # parquet upcast int labels with a gap to float
+    assert plain(out["label"]) == ["1", None, "0"]  # parquet upcast int labels with a gap to float
     with pytest.raises(DataError, match=r"d.parquet: text column 'n' holds int64 values .*Set text_column"):
         prepare_frame(read_table(path), text_column="n", label_column="label", source="d.parquet")
 
@@ -218,7 +224,8 @@ def test_split_rejects_what_it_cannot_split():
 def test_digest_and_parquet_round_trip():
     df = prepare(pd.DataFrame({"text": ["b", "a", None], "label": ["x", None, "y"]}))
     back = read_parquet_bytes(to_parquet_bytes(df))
-    assert back["group"].tolist() == [None, None, None] and back["label"].tolist() == ["x", None, "y"]
+    assert plain(back["group"]) == [None, None, None] and plain(back["label"]) == ["x", None, "y"]
+    assert all(back[c].dtype == TEXT_DTYPE for c in ("text", "label", "group"))  # Arrow-held, no object per row
     assert frame_digest(back) == frame_digest(df) == frame_digest(df[list(reversed(df.columns))])
     assert frame_digest(df) != frame_digest(df.iloc[::-1]) and frame_digest(df).startswith("sha256:")
     with pytest.raises(DataError, match="unreadable"):
