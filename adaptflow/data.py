@@ -293,10 +293,16 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
         )
     chunks: list[pa.Array] = []
     bad: list[tuple[int, str]] = []
+    arrow_held = _arrow_strings(series.dtype)
     for start in range(0, len(series), CHUNK_ROWS):
-        chunk = _normalise_chunk(series.iloc[start:start + CHUNK_ROWS].tolist(),
-                                 rows[start:start + CHUNK_ROWS].tolist(), role, bad)
-        chunks.append(pa.array(chunk, pa.large_string()))
+        part = series.iloc[start:start + CHUNK_ROWS]
+        values = part.tolist()
+        chunk = _normalise_chunk(values, rows[start:start + CHUNK_ROWS].tolist(), role, bad)
+        if arrow_held and not part.isna().any() and chunk == values:  # already normalised: share the buffers
+            chunks.append(pa.array(part).cast(pa.large_string()))
+        else:
+            chunks.append(pa.array(chunk, pa.large_string()))
+        del values, chunk
     if bad:
         kinds = ", ".join(sorted({kind for _, kind in bad}))
         raise DataError(
@@ -305,6 +311,14 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
             f"Fix those rows or choose another column."
         )
     return pa.chunked_array(chunks, pa.large_string())
+
+
+def _arrow_strings(dtype) -> bool:
+    """Whether a column holds Arrow strings (pandas' ``str``/``string[pyarrow]``, or an Arrow string dtype)."""
+    if isinstance(dtype, pd.StringDtype):
+        return dtype.storage == "pyarrow"
+    return isinstance(dtype, pd.ArrowDtype) and (pa.types.is_string(dtype.pyarrow_dtype)
+                                                 or pa.types.is_large_string(dtype.pyarrow_dtype))
 
 
 def _normalise_chunk(values: list, rows: list[int], role: str, bad: list[tuple[int, str]]) -> list[str | None]:

@@ -149,8 +149,9 @@ def validate_split(
 
     rows["reason"] = reason
     keep_cols = [c for c in train.columns if c in rows.columns]
-    clean_train = rows.loc[active() & is_train, keep_cols].reset_index(drop=True)
-    clean_test = rows.loc[active() & ~is_train, keep_cols].reset_index(drop=True)
+    kept = active().to_numpy()
+    clean_train, clean_test = (_kept(rows.iloc[start:stop], kept[start:stop], keep_cols)
+                               for start, stop in ((0, len(train)), (len(train), len(rows))))
     quarantine = _listing(rows, QUARANTINE_REASONS)
     dropped = _listing(rows, DROP_REASONS)
     labels = sorted(clean_train["label"].unique().tolist())
@@ -181,6 +182,12 @@ def validate_split(
     }
     _check(report, rules, name)
     return ValidationResult(clean_train, clean_test, quarantine, labels, report, dropped)
+
+
+def _kept(part: pd.DataFrame, keep: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """``part``'s rows where ``keep``, with a fresh index; no copy of the values when every row is kept."""
+    part = part[columns] if keep.all() else part.loc[keep, columns]
+    return part.reset_index(drop=True)
 
 
 def _case_key(label) -> str:
