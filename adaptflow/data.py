@@ -29,6 +29,8 @@ FRAME_COLUMNS = ["text", "label", "group", "row"]
 _TEXT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 SUPPORTED_SUFFIXES = sorted([*_TEXT_FORMATS, ".parquet"] + [s + ".gz" for s in _TEXT_FORMATS])
 _EXAMPLES = 5
+CHUNK_ROWS = 65_536  # rows turned into Python objects at a time (digests, normalising)
+TEXT_DTYPE = pd.ArrowDtype(pa.large_string())  # string columns of prepared frames and snapshots; missing: pd.NA
 
 
 class DataError(ValueError):
@@ -281,16 +283,48 @@ def _suggest(name: str, columns: list[str]) -> str:
     return f" Did you mean {lowered[match[0]]!r}?" if match else ""
 
 
-def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: np.ndarray) -> list[str | None]:
-    """Column values as NFC-stripped strings or None; anything that is not a fitting scalar raises DataError."""
+def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: np.ndarray) -> pa.ChunkedArray:
+    """Column values as NFC-stripped Arrow strings (null when missing); anything that is not a fitting scalar raises
+    DataError. Values become Python objects :data:`CHUNK_ROWS` at a time; only the Arrow chunks are kept."""
     if role == "text" and (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
         raise DataError(
             f"{source}: text column {column!r} holds {series.dtype} values (rows {format_rows(rows.tolist())}), "
             f"not text. Set text_column to the column holding the texts."
         )
-    out: list[str | None] = []
+    chunks: list[pa.Array] = []
     bad: list[tuple[int, str]] = []
-    for row, value in zip(rows.tolist(), series.tolist()):
+    arrow_held = _arrow_strings(series.dtype)
+    for start in range(0, len(series), CHUNK_ROWS):
+        part = series.iloc[start:start + CHUNK_ROWS]
+        values = part.tolist()
+        chunk = _normalise_chunk(values, rows[start:start + CHUNK_ROWS].tolist(), role, bad)
+        if arrow_held and not part.isna().any() and chunk == values:  # already normalised: share the buffers
+            chunks.append(pa.array(part).cast(pa.large_string()))
+        else:
+            chunks.append(pa.array(chunk, pa.large_string()))
+        del values, chunk
+    if bad:
+        kinds = ", ".join(sorted({kind for _, kind in bad}))
+        raise DataError(
+            f"{source}: {role} column {column!r} holds {kinds} values at rows {format_rows([r for r, _ in bad])}; "
+            f"expected {'strings' if role == 'text' else 'strings or integers'}. "
+            f"Fix those rows or choose another column."
+        )
+    return pa.chunked_array(chunks, pa.large_string())
+
+
+def _arrow_strings(dtype) -> bool:
+    """Whether a column holds Arrow strings (pandas' ``str``/``string[pyarrow]``, or an Arrow string dtype)."""
+    if isinstance(dtype, pd.StringDtype):
+        return dtype.storage == "pyarrow"
+    return isinstance(dtype, pd.ArrowDtype) and (pa.types.is_string(dtype.pyarrow_dtype)
+                                                 or pa.types.is_large_string(dtype.pyarrow_dtype))
+
+
+def _normalise_chunk(values: list, rows: list[int], role: str, bad: list[tuple[int, str]]) -> list[str | None]:
+    """One chunk of :func:`_normalise`; appends ``(row, kind)`` to ``bad`` for values that do not fit."""
+    out: list[str | None] = []
+    for row, value in zip(rows, values):
         if isinstance(value, str) or is_missing(value):
             text = normalise_text(value)
         elif role == "time" and isinstance(value, (datetime.date, np.datetime64)):
@@ -309,13 +343,6 @@ def _normalise(series: pd.Series, *, role: str, column: str, source: str, rows: 
             if text is None or fractional:  # 0.5 is a score, not a class
                 bad.append((row, "non-integer number" if fractional else _type_name(value)))
         out.append(text if text or role == "text" else None)
-    if bad:
-        kinds = ", ".join(sorted({kind for _, kind in bad}))
-        raise DataError(
-            f"{source}: {role} column {column!r} holds {kinds} values at rows {format_rows([r for r, _ in bad])}; "
-            f"expected {'strings' if role == 'text' else 'strings or integers'}. "
-            f"Fix those rows or choose another column."
-        )
     return out
 
 
@@ -326,9 +353,9 @@ def prepare_frame(
     """Select and normalise the text/label/group (and time) columns.
 
     Returns:
-        DataFrame with ``text`` (NFC, stripped; None when missing), ``label`` (str or None), ``group`` (str or
-        None) and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1);
-        with ``time_column``, also ``time`` (str: numbers as ``label`` values are, dates/timestamps ISO 8601).
+        DataFrame with ``text`` (NFC, stripped; missing: null), ``label`` and ``group`` (strings or null), all
+        three held as Arrow strings (:data:`TEXT_DTYPE`), and ``row`` (1-based data row in the source: ``index + 1`` for an integer index, else position + 1);
+        with ``time_column``, also ``time`` (Arrow string: numbers as ``label`` values are, dates/timestamps ISO 8601).
     """
     columns = [str(c) for c in df.columns]
     wanted = {"text_column": text_column, "label_column": label_column}
@@ -351,9 +378,9 @@ def prepare_frame(
 
     def column(role: str, name: str | None) -> pd.Series:
         if name is None:
-            return pd.Series([None] * len(df), dtype=object)
+            return pd.Series(pd.arrays.ArrowExtensionArray(pa.nulls(len(df), pa.large_string())))
         values = _normalise(df[name], role=role, column=name, source=source, rows=rows)
-        return pd.Series(values, dtype=object)  # object keeps None (pandas' str dtype would turn it into NaN)
+        return pd.Series(pd.arrays.ArrowExtensionArray(values))  # Arrow-held: no Python object per row
 
     frame = pd.DataFrame(
         {"text": column("text", text_column), "label": column("label", label_column),
@@ -378,13 +405,22 @@ def split_frame(df: pd.DataFrame, *, test_size: float, seed: int, method: str = 
 # ----------------------------------------------------------------------------------------------- snapshots
 
 
-def frame_digest(df: pd.DataFrame) -> str:
-    """``"sha256:<hex>"`` of the content: columns in sorted order, rows as given; index and dtypes ignored."""
+def frame_digest(df: pd.DataFrame, *, chunk_rows: int = CHUNK_ROWS) -> str:
+    """``"sha256:<hex>"`` of the content: columns in sorted order, rows as given; index and dtypes ignored.
+
+    Per column, the bytes hashed are ``json.dumps([name, values], ensure_ascii=False, default=str)`` and a
+    newline (missing values as null); they are fed ``chunk_rows`` values at a time, so no whole-column list or
+    string is ever built.
+    """
     h = hashlib.sha256()
     for column in sorted(df.columns, key=str):
-        values = [None if is_missing(v) else v for v in df[column].tolist()]
-        h.update(json.dumps([str(column), values], ensure_ascii=False, default=str).encode("utf-8"))
-        h.update(b"\n")
+        series = df[column]
+        h.update(f"[{json.dumps(str(column), ensure_ascii=False)}, [".encode("utf-8"))
+        for start in range(0, len(series), chunk_rows):
+            values = [None if is_missing(v) else v for v in series.iloc[start:start + chunk_rows].tolist()]
+            items = json.dumps(values, ensure_ascii=False, default=str)[1:-1]  # the chunk's items, no brackets
+            h.update(((", " if start else "") + items).encode("utf-8"))
+        h.update(b"]]\n")
     return "sha256:" + h.hexdigest()
 
 
@@ -400,12 +436,13 @@ def to_parquet_bytes(df: pd.DataFrame) -> bytes:
 
 
 def read_parquet_bytes(data: bytes) -> pd.DataFrame:
-    """Inverse of :func:`to_parquet_bytes`; string columns come back as objects with None for missing."""
+    """Inverse of :func:`to_parquet_bytes`; string columns come back Arrow-held (:data:`TEXT_DTYPE`, missing:
+    pd.NA, which :func:`is_missing` knows), not as one Python object per row."""
     try:
-        df = pd.read_parquet(io.BytesIO(data))
+        table = pq.read_table(pa.BufferReader(data))
+        strings = pa.schema([pa.field(f.name, pa.large_string()) if pa.types.is_string(f.type) else f
+                             for f in table.schema])
+        table = table.cast(strings)
+        return table.to_pandas(types_mapper={pa.large_string(): TEXT_DTYPE}.get, ignore_metadata=True)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"parquet snapshot ({len(data)} bytes) is unreadable ({e}); rebuild the snapshot.") from None
-    for column in df.columns:
-        if pd.api.types.is_string_dtype(df[column].dtype) or df[column].dtype == object:
-            df[column] = df[column].astype(object).where(df[column].notna(), None)
-    return df

@@ -20,12 +20,13 @@ Both keep group-disjointness and the input's row order within each side.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from itertools import islice
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 
-from adaptflow.data import DataError, format_rows
+from adaptflow.data import CHUNK_ROWS, DataError, format_rows
 
 SplitMethod = Literal["hash", "time"]
 _SCALE = float(2**64)
@@ -55,38 +56,53 @@ def split_frame(df: pd.DataFrame, *, test_size: float, seed: int, method: SplitM
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
 
 
-def _keys(df: pd.DataFrame, where: str) -> tuple[np.ndarray, list[str]]:
+def _keys(df: pd.DataFrame, where: str) -> tuple[np.ndarray, Iterator[str]]:
     """Per row, the code of its split key (its group, else its text), and the distinct keys in code order.
 
-    Groups and texts are factorised separately (no per-row strings are built); only the distinct keys are
-    spelled out, as ``g\\0<group>`` or ``t\\0<text>``.
+    Groups and texts are factorised separately (no per-row strings are built); the distinct keys are spelled
+    out lazily, :data:`CHUNK_ROWS` at a time, as ``g\\0<group>`` or ``t\\0<text>``.
     """
-    group = df["group"] if "group" in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
-    group_codes, groups = pd.factorize(group, use_na_sentinel=True)
+    if "group" in df.columns:
+        group_codes, groups = pd.factorize(df["group"], use_na_sentinel=True)
+    else:
+        group_codes, groups = np.full(len(df), -1, dtype=np.int64), pd.Index([], dtype=object)
     grouped = group_codes >= 0
     if grouped.all() and len(groups) < 2:
         raise DataError(
             f"{where}all rows share one group ({groups[0]!r}); a group-disjoint split needs at "
             f"least 2 groups. Use another group_column or none.")
-    text_codes, texts = pd.factorize(df["text"].astype(object).where(df["text"].notna(), ""))
-    combined = np.where(grouped, group_codes, len(groups) + text_codes)
+    text_codes, texts = pd.factorize(df["text"].fillna(""))
+    n_groups = len(groups)
+    combined = np.where(grouped, group_codes, n_groups + text_codes)
     codes, used = pd.factorize(combined)
-    keys = [f"g\0{groups[c]}" if c < len(groups) else f"t\0{texts[c - len(groups)]}" for c in used.tolist()]
-    return codes, keys
+
+    def spelled() -> Iterator[str]:
+        for start in range(0, len(used), CHUNK_ROWS):
+            part = used[start:start + CHUNK_ROWS]
+            is_group = part < n_groups
+            group_keys = iter(groups[part[is_group]].tolist())
+            text_keys = iter(texts[part[~is_group] - n_groups].tolist())
+            for key_is_group in is_group.tolist():
+                yield f"g\0{next(group_keys)}" if key_is_group else f"t\0{next(text_keys)}"
+
+    return codes, spelled()
 
 
-def key_hashes(keys, seed: int) -> np.ndarray:
+def key_hashes(keys: Iterable[str], seed: int) -> np.ndarray:
     """``uint64`` per key: the first 8 bytes (big-endian) of ``sha256("<seed>\\0<key>")``.
 
-    One digest per distinct key; the 8-byte prefixes are joined into one buffer, so no per-row Python
-    object outlives the call.
+    One digest per distinct key, taken :data:`CHUNK_ROWS` keys at a time; each chunk's 8-byte prefixes are
+    joined into one buffer, so no per-key Python object outlives its chunk.
     """
     prefix = f"{int(seed)}\0".encode()
-    joined = b"".join(hashlib.sha256(prefix + str(k).encode("utf-8")).digest()[:8] for k in keys)
-    return np.frombuffer(joined, dtype=">u8").astype(np.uint64)
+    keys, parts = iter(keys), []
+    while chunk := list(islice(keys, CHUNK_ROWS)):
+        joined = b"".join(hashlib.sha256(prefix + str(k).encode("utf-8")).digest()[:8] for k in chunk)
+        parts.append(np.frombuffer(joined, dtype=">u8").astype(np.uint64))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
-def hash_sides(codes: np.ndarray, keys: list[str], *, test_size: float, seed: int) -> np.ndarray:
+def hash_sides(codes: np.ndarray, keys: Iterable[str], *, test_size: float, seed: int) -> np.ndarray:
     """Boolean ``is_test`` per row: its key's hash below ``test_size · 2⁶⁴``.
 
     Only when that leaves one side empty (a handful of rows) does the key nearest that side cross over, so the
@@ -127,10 +143,11 @@ def parse_times(values: pd.Series, rows: np.ndarray, where: str = "") -> np.ndar
     if missing.any():
         raise DataError(f"{where}the time column is empty at rows {format_rows(rows[missing].tolist())}; every row "
                         f"needs a time for split: time. Fill those rows or drop them.")
-    numbers = pd.to_numeric(values, errors="coerce")
+    text = values.astype(str)  # NaN-missing strings: an Arrow-held column's NaN-free numbers stay numbers
+    numbers = pd.to_numeric(text, errors="coerce")
     if numbers.notna().all():
         return numbers.to_numpy(dtype=np.float64)
-    stamps = pd.to_datetime(values.astype(str), errors="coerce", utc=True, format="mixed")
+    stamps = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
     bad = stamps.isna().to_numpy()
     if bad.any():
         examples = ", ".join(repr(v) for v in values[bad].head(3).tolist())
@@ -146,8 +163,8 @@ def _show(value) -> str:
 def split_shares(train: pd.DataFrame, test: pd.DataFrame) -> dict:
     """The test share overall and per label, for logs and the ingest manifest."""
     n = len(train) + len(test)
-    labels = pd.concat([train["label"], test["label"]]).astype(object).where(lambda s: s.notna(), "(missing)")
-    per_label = test["label"].astype(object).where(test["label"].notna(), "(missing)").value_counts()
+    labels = pd.concat([train["label"], test["label"]]).fillna("(missing)")  # Arrow-held labels stay so
+    per_label = test["label"].fillna("(missing)").value_counts()
     totals = labels.value_counts()
     return {"test": round(len(test) / n, 4) if n else 0.0,
             "test_by_label": {str(k): round(float(per_label.get(k, 0)) / float(v), 4) for k, v in totals.items()}}

@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
-from adaptflow.data import DataError, format_rows, is_missing
+from adaptflow.data import CHUNK_ROWS, DataError, format_rows, is_missing
 
 LABEL_CASE_MODES = ("error", "fold")
 QUARANTINE_REASONS = ("empty_text", "missing_label", "conflicting_labels", "rare_class", "unseen_label")
@@ -73,6 +74,14 @@ def _blank(value) -> bool:
     return not value.strip() if isinstance(value, str) else is_missing(value)
 
 
+def _blanks(values: pd.Series) -> pd.Series:
+    """:func:`_blank` per value, :data:`CHUNK_ROWS` values at a time as Python objects."""
+    out = np.empty(len(values), dtype=bool)
+    for start in range(0, len(values), CHUNK_ROWS):
+        out[start:start + CHUNK_ROWS] = [_blank(v) for v in values.iloc[start:start + CHUNK_ROWS].tolist()]
+    return pd.Series(out, index=values.index)
+
+
 def _source_name(source: str | Sequence[str]) -> str:
     return source if isinstance(source, str) else " + ".join(map(str, source))
 
@@ -107,19 +116,27 @@ def validate_split(
         return reason.isna()
 
     is_train = rows["split"].eq("train")
-    mark(rows["text"].map(_blank), "empty_text")
-    mark(rows["label"].map(_blank), "missing_label")
+    mark(_blanks(rows["text"]), "empty_text")
+    mark(_blanks(rows["label"]), "missing_label")
     label_case = _label_case(rows, active(), rules.label_case, name)  # before any rule compares labels
 
-    # the same text with two labels is a labelling error: no side can be trusted, so all copies go
-    live = rows[active()]
-    n_labels = live.groupby("text", sort=False)["label"].nunique()
-    mark(rows["text"].isin(n_labels.index[n_labels > 1]), "conflicting_labels")
+    # texts and labels compared as integer codes (equal values, equal codes): no copy of the strings per rule
+    text = pd.factorize(rows["text"])[0]
+    label = pd.factorize(rows["label"])[0]
+    train_side = is_train.to_numpy()
 
-    live = rows[active()]
-    repeated = live.duplicated(subset=["split", "text", "label"], keep="first")
-    mark(repeated.reindex(rows.index, fill_value=False), "duplicate")
-    leaked = is_train & rows["text"].isin(set(rows.loc[active() & ~is_train, "text"]))
+    # the same text with two labels is a labelling error: no side can be trusted, so all copies go
+    live = active().to_numpy()
+    pairs = pd.DataFrame({"text": text[live], "label": label[live]}).drop_duplicates()
+    n_labels = pairs["text"].value_counts()
+    mark(pd.Series(np.isin(text, n_labels.index[n_labels > 1]), index=rows.index), "conflicting_labels")
+
+    live = active().to_numpy()
+    keys = pd.DataFrame({"split": train_side[live], "text": text[live], "label": label[live]})
+    repeated = np.zeros(len(rows), dtype=bool)
+    repeated[live] = keys.duplicated(keep="first").to_numpy()
+    mark(pd.Series(repeated, index=rows.index), "duplicate")
+    leaked = is_train & np.isin(text, text[active().to_numpy() & ~train_side])
     n_leaked = int((leaked & active()).sum())
     if rules.drop_leakage:
         mark(leaked, "leakage")
@@ -127,13 +144,14 @@ def validate_split(
     # rare classes first: their test rows then fall under unseen_label, as the head cannot predict them
     counts = rows.loc[active() & is_train, "label"].value_counts()
     mark(is_train & rows["label"].isin(counts.index[counts < rules.min_class_count]), "rare_class")
-    train_labels = set(rows.loc[active() & is_train, "label"])
+    train_labels = rows.loc[active() & is_train, "label"].unique()
     mark(~is_train & ~rows["label"].isin(train_labels), "unseen_label")
 
     rows["reason"] = reason
     keep_cols = [c for c in train.columns if c in rows.columns]
-    clean_train = rows.loc[active() & is_train, keep_cols].reset_index(drop=True)
-    clean_test = rows.loc[active() & ~is_train, keep_cols].reset_index(drop=True)
+    kept = active().to_numpy()
+    clean_train, clean_test = (_kept(rows.iloc[start:stop], kept[start:stop], keep_cols)
+                               for start, stop in ((0, len(train)), (len(train), len(rows))))
     quarantine = _listing(rows, QUARANTINE_REASONS)
     dropped = _listing(rows, DROP_REASONS)
     labels = sorted(clean_train["label"].unique().tolist())
@@ -164,6 +182,12 @@ def validate_split(
     }
     _check(report, rules, name)
     return ValidationResult(clean_train, clean_test, quarantine, labels, report, dropped)
+
+
+def _kept(part: pd.DataFrame, keep: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """``part``'s rows where ``keep``, with a fresh index; no copy of the values when every row is kept."""
+    part = part[columns] if keep.all() else part.loc[keep, columns]
+    return part.reset_index(drop=True)
 
 
 def _case_key(label) -> str:

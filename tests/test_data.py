@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from adaptflow.data import (
+    TEXT_DTYPE,
     DataError,
     frame_digest,
+    is_missing,
     normalise_text,
     prepare_frame,
     read_parquet_bytes,
@@ -29,6 +32,11 @@ ROTTEN = Path(__file__).resolve().parents[1] / "examples" / "data" / "rotten_tom
 def write(path: Path, data: str | bytes) -> Path:
     path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+def plain(series: pd.Series) -> list:
+    """Values with missing ones as None (prepared frames and snapshots hold Arrow strings: missing is pd.NA)."""
+    return [None if is_missing(v) else v for v in series.tolist()]
 
 
 def prepare(df, **kw):
@@ -124,8 +132,8 @@ def test_prepare_normalises_and_numbers_rows(tmp_path):
     df = read_table(write(tmp_path / "d.csv", f'text,label,movie\n"{decomposed}", pos ,m1\n,,\n'))
     out = prepare(df, group_column="movie")
     assert list(out.columns) == ["text", "label", "group", "row"]
-    assert out["text"].tolist() == ["café", None] and out["text"][0] == unicodedata.normalize("NFC", "café")
-    assert out["label"].tolist() == ["pos", None] and out["group"].tolist() == ["m1", None]
+    assert plain(out["text"]) == ["café", None] and out["text"][0] == unicodedata.normalize("NFC", "café")
+    assert plain(out["label"]) == ["pos", None] and plain(out["group"]) == ["m1", None]
     assert out["row"].tolist() == [1, 2]
     assert normalise_text(decomposed) == "café" and normalise_text(None) is None
 
@@ -150,7 +158,7 @@ def test_parquet_types_are_checked_and_float_labels_repaired(tmp_path):
     path = tmp_path / "d.parquet"
     pd.DataFrame({"text": ["a", "b", "c"], "label": [1.0, np.nan, 0.0], "n": [1, 2, 3]}).to_parquet(path)
     out = prepare(read_table(path), source="d.parquet")
-    assert out["label"].tolist() == ["1", None, "0"]  # parquet upcast int labels with a gap to float
+    assert plain(out["label"]) == ["1", None, "0"]  # parquet upcast int labels with a gap to float
     with pytest.raises(DataError, match=r"d.parquet: text column 'n' holds int64 values .*Set text_column"):
         prepare_frame(read_table(path), text_column="n", label_column="label", source="d.parquet")
 
@@ -216,11 +224,41 @@ def test_split_rejects_what_it_cannot_split():
 def test_digest_and_parquet_round_trip():
     df = prepare(pd.DataFrame({"text": ["b", "a", None], "label": ["x", None, "y"]}))
     back = read_parquet_bytes(to_parquet_bytes(df))
-    assert back["group"].tolist() == [None, None, None] and back["label"].tolist() == ["x", None, "y"]
+    assert plain(back["group"]) == [None, None, None] and plain(back["label"]) == ["x", None, "y"]
+    assert all(back[c].dtype == TEXT_DTYPE for c in ("text", "label", "group"))  # Arrow-held, no object per row
     assert frame_digest(back) == frame_digest(df) == frame_digest(df[list(reversed(df.columns))])
     assert frame_digest(df) != frame_digest(df.iloc[::-1]) and frame_digest(df).startswith("sha256:")
     with pytest.raises(DataError, match="unreadable"):
         read_parquet_bytes(b"junk")
+
+
+def _whole_column_digest(df: pd.DataFrame) -> str:
+    """The digest as it was first written: one json.dumps per whole column."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for column in sorted(df.columns, key=str):
+        values = [None if is_missing(v) else v for v in df[column].tolist()]
+        h.update(json.dumps([str(column), values], ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 1000])
+def test_chunked_digest_equals_the_whole_column_formula(chunk_rows):
+    df = pd.DataFrame({
+        "text": ["caf\u00e9", None, "\u65e5\u672c \"q\" \\ \n", float("nan"), "", "x", "\U0001f600", "y", "z"],
+        "label": pd.Series(["a", "b", None, "a", "b", "a", "b", "a", "b"], dtype=object),
+        "row": np.arange(1, 10, dtype=np.int64),
+        "score": [0.5, float("nan"), 1e300, -0.0, 2.0, 3.25, 7.0, 1.5, 0.1],
+        "mixed": pd.Series([1, "1", None, 2.5, True, pd.NA, "\u00e9", 3, None], dtype=object),
+        1: ["k"] * 9,  # a non-string column name
+    })
+    expected = _whole_column_digest(df)
+    assert frame_digest(df, chunk_rows=chunk_rows) == expected
+    assert frame_digest(df.iloc[:0], chunk_rows=chunk_rows) == _whole_column_digest(df.iloc[:0])
+    arrow = df.assign(text=df["text"].astype(pd.ArrowDtype(pa.large_string())))  # Arrow-held text: same digest
+    assert frame_digest(arrow, chunk_rows=chunk_rows) == expected
 
 
 # ---------------------------------------------------------------------------------------------- real data

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from adaptflow.config import build_config
-from adaptflow.data import DataError, prepare_frame
+from adaptflow.data import DataError, is_missing, prepare_frame
 from adaptflow.gate import GateRules
 from adaptflow.multilabel import (MultilabelRules, canonical_labels, compute_multilabel_metrics, decide_multilabel,
                                   fit_multilabel_head, inferred_task, load_thresholds,
@@ -73,7 +73,7 @@ def test_parquet_list_column_reads_as_canonical_label_sets(tmp_path):
     path = tmp_path / "tags.parquet"
     pd.DataFrame({"text": ["x", "y", "z"], "tags": [["b", "a"], [], None]}).to_parquet(path)
     frame = prepare_frame(pd.read_parquet(path), text_column="text", label_column="tags", source=str(path))
-    assert frame["label"].tolist() == ['["a", "b"]', "[]", None]
+    assert [None if is_missing(v) else v for v in frame["label"]] == ['["a", "b"]', "[]", None]  # missing: pd.NA
 
 
 # ---------------------------------------------------------------------------------------------- validation
