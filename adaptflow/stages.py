@@ -149,13 +149,14 @@ def ingest_stage(ctx: StageContext, config: RunConfig) -> dict:
     by_time = d.split == "time" and not d.test
     read = read_source(d.train, split="train", **columns, **source, time_column=d.time_column if by_time else None)
     train, partitions = read.frame, {"train": read.partitions, "test": []}
+    del read  # the frame is held once (as ``train``), so the split below can let go of it
     if d.test:
         read = read_source(d.test, split="test", **columns, **source)
         test, partitions["test"] = read.frame, read.partitions
+        del read
     else:
         train, test = split_frame(train, test_size=d.test_size, seed=config.seed, method=d.split,
                                   source=describe(d.train))
-    del read
     task = resolve_task(config, train, test)
     if task == "multilabel":
         from adaptflow.multilabel import canonical_labels, split_shares as label_shares
@@ -268,9 +269,9 @@ def tokenize_stage(ctx: StageContext, config: RunConfig, validated: dict, encode
     prefix = f"tokens/{stage_key('tokenize', data=validated['digest'], encoder=encoder['digest'], max_length=config.encoder.max_length)}"
     meta = _cached(ctx, prefix)
     if meta is None:
-        texts = pa.chunked_array([chunk for name in ("train", "test")
-                                  for chunk in read_columns(ctx, validated[name], ["text"]).column("text").chunks],
-                                 type=pa.string())
+        texts = pa.chunked_array([chunk for name in ("train", "test") for chunk in
+                                  read_columns(ctx, validated[name], ["text"]).column("text").cast(pa.large_string()).chunks],
+                                 type=pa.large_string())
         digests = text_digests(texts)
         distinct = first_seen(digests)  # one row per distinct text, in first-seen order
         texts, digests = texts.take(distinct), digests[distinct]
